@@ -1,0 +1,45 @@
+"""nnunet-sar: Scale-Aware Restoration (SAR) pre-training as an nnU-Net v2 plugin.
+
+Three source folders, three import names:
+- ``nnunet_sar/``   -> ``nnunet_sar``              (network from plans, heads, checkpoints, phantoms, demo)
+- ``pretraining/``  -> ``nnunet_sar.pretraining``  (sources, cubes, corruptions, objective, loop, CLI)
+- ``trainers/``     -> ``nnunetv2.training.nnUNetTrainer.nnunet_sar``
+
+nnU-Net finds trainers by scanning the physical folder ``nnunetv2/training/nnUNetTrainer`` (it has no
+entry points), so a regular ``pip install .`` places the trainers there; pip's uninstall removes them
+again. An editable install cannot place files there: point ``nnUNet_extTrainer`` at ``trainers/``.
+"""
+from setuptools import setup
+
+setup(
+    name="nnunet-sar",
+    version="0.1.0",
+    description="Scale-Aware Restoration (SAR) self-supervised pre-training for nnU-Net v2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["nnunet_sar", "nnunet_sar.pretraining", "nnunetv2.training.nnUNetTrainer.nnunet_sar"],
+    package_dir={
+        "nnunet_sar": "nnunet_sar",
+        "nnunet_sar.pretraining": "pretraining",
+        "nnunetv2.training.nnUNetTrainer.nnunet_sar": "trainers",
+    },
+    install_requires=[
+        "nnunetv2>=2.8.0",  # nnUNet_extTrainer and the 2.7+ build_network_architecture signature
+        "torch>=2.1",
+        "batchgenerators>=0.25",
+        "batchgeneratorsv2>=0.3",
+        "SimpleITK>=2.2",
+        "numpy>=1.24",
+        "acvl-utils>=0.2",
+        "matplotlib>=3.5",
+        "tqdm>=4.60",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    entry_points={
+        "console_scripts": [
+            "nnunet_sar_pretrain=nnunet_sar.pretraining.cli:main",
+            "nnunet_sar_demo=nnunet_sar.demo:main",
+        ]
+    },
+)
