@@ -1,0 +1,75 @@
+"""The two heads SAR adds on the encoder of nnU-Net's U-Net.
+
+- ``ScaleHead`` S (paper 2.2): global average pooling + 2 fully connected layers on the bottleneck,
+  predicting the crop scale (large / medium / small).
+- ``ModalityDiscriminator`` M, MIAL (paper 2.3): 3 conv layers + global average pooling + 2 fully
+  connected layers. Dense taps: the features of the last three encoder stages enter M at the layer
+  of matching resolution (concatenated with M's own features), not only the bottleneck.
+- ``GradientReversal``: how the min-max game of Eq. 3 is played. M minimises the cross-entropy of
+  the modality (= maximises the log-likelihood of Eq. 3); the encoder receives the negated gradient,
+  so it maximises that same cross-entropy. One forward/backward pass updates both players
+  simultaneously (gradient descent-ascent on exactly Eq. 3), which is cheaper than alternating
+  updates (no second pass through M) and keeps a single optimizer step per iteration.
+"""
+import torch
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
+from torch import nn
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by -weight backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight: float):
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.weight * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    return GradientReversal.apply(x, weight)
+
+
+class ScaleHead(nn.Module):
+    """S: GAP + FC + ReLU + FC -> scale logits."""
+
+    def __init__(self, in_channels: int, num_scales: int = 3, hidden: int = 256):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_scales))
+
+    def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        return self.fc(bottleneck.flatten(2).mean(-1))
+
+
+class ModalityDiscriminator(nn.Module):
+    """M (MIAL): conv_i sees [M's previous features, encoder tap i] at the tap's resolution.
+
+    ``tap_channels`` and ``tap_strides`` describe the encoder stages fed in (shallow to deep); the
+    stride of conv_i is the encoder's stride into tap i+1, so M's features land on the next tap's grid.
+    """
+
+    def __init__(self, encoder, num_modalities: int = 2, num_taps: int = 3, width: int = 64, hidden: int = 256):
+        super().__init__()
+        n = len(encoder.output_channels)
+        self.taps = list(range(max(0, n - num_taps), n))
+        conv_op, norm_op = encoder.conv_op, encoder.norm_op
+        blocks, prev = [], 0
+        for i, stage in enumerate(self.taps):
+            stride = encoder.strides[self.taps[i + 1]] if i + 1 < len(self.taps) else 1
+            blocks.append(ConvDropoutNormReLU(
+                conv_op, prev + encoder.output_channels[stage], width, 3, stride, conv_bias=True,
+                norm_op=norm_op, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}))
+            prev = width
+        self.convs = nn.ModuleList(blocks)
+        self.fc = nn.Sequential(nn.Linear(width, hidden), nn.LeakyReLU(inplace=True), nn.Linear(hidden, num_modalities))
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = None
+        for conv, stage in zip(self.convs, self.taps):
+            tap = skips[stage]
+            x = conv(tap if x is None else torch.cat((x, tap), 1))
+        return self.fc(x.flatten(2).mean(-1))

@@ -1,0 +1,94 @@
+"""``nnunet_sar_pretrain``: SAR pre-training for a target dataset's nnU-Net plans."""
+import argparse
+import os
+import sys
+
+from nnunet_sar import SARError
+
+EPILOG = """
+examples:
+  nnunet_sar_pretrain -d 501 --sources Dataset502_LUNA16 Dataset503_LiTS Dataset504_BraTSsrc Dataset505_Heart
+  nnunet_sar_pretrain -d Dataset501_BraTSFLAIR -p nnUNetResEncUNetMPlans --sources /data/ct_folder:CT 504
+  nnunet_sar_pretrain -d 501 --sources 502 504 --variant genesis --epochs 50 -device cpu
+
+A SRC is an nnU-Net raw dataset (name or id, under $nnUNet_raw) or a folder of images. Every image
+channel is its own single-channel volume. Modality: channel name CT is CT, anything else MRI; a
+':CT' or ':MRI' suffix overrides and is required for a plain folder.
+
+Output: $nnUNet_results/<dataset>/nnUNetSARPretrain_<variant>__<plans>__<configuration>/checkpoint_final.pth,
+which nnUNetv2_train <dataset> <configuration> FOLD -tr nnUNetTrainerSAR loads by itself.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnunet_sar.pretraining.loop import PretrainSettings
+    from nnunet_sar.pretraining.objective import VARIANTS
+    d = PretrainSettings(dataset="", sources=[])
+    p = argparse.ArgumentParser(
+        prog="nnunet_sar_pretrain", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Scale-Aware Restoration (SAR) self-supervised pre-training of the U-Net that nnU-Net builds "
+                    "from a target dataset's plans (run nnUNetv2_plan_and_preprocess for it first).")
+    p.add_argument("-d", dest="dataset", required=True, help="target dataset name or id (its plans define the network)")
+    p.add_argument("-p", dest="plans_identifier", default=d.plans_identifier, help="plans identifier [%(default)s]")
+    p.add_argument("-c", dest="configuration", default=d.configuration, help="configuration [%(default)s]")
+    p.add_argument("--sources", nargs="+", required=True, metavar="SRC", help="pre-training sources, see below")
+    p.add_argument("--variant", default=d.variant, choices=list(VARIANTS),
+                   help="; ".join(f"{k}: {v.description}" for k, v in VARIANTS.items()) + " [%(default)s]")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="[%(default)s]")
+    p.add_argument("--iters-per-epoch", type=int, default=None,
+                   help="iterations per epoch [all cubes of --cubes-per-volume for every training volume]")
+    p.add_argument("--batch-size", type=int, default=None, help="[the plans' batch size]")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="input cube size, e.g. the paper's 64 64 32 [the plans' patch size]")
+    p.add_argument("--cubes-per-volume", type=int, nargs=3, default=d.cubes_per_volume, metavar=("L", "M", "S"),
+                   help="cubes per volume and epoch at 1/2, 1/4, 1/8 of the side (paper Table 1) [16 16 32]")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of source cases held out for the validation loss [%(default)s]")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of L_scale (paper: 1) [%(default)s]")
+    p.add_argument("--beta", type=float, default=d.beta, help="weight of L_res (paper: 10) [%(default)s]")
+    p.add_argument("--adv-weight", type=float, default=d.adv_weight,
+                   help="gradient-reversal weight of L_adv on the encoder; 0 trains M as a probe only [%(default)s]")
+    p.add_argument("--lr-unet", type=float, default=d.lr_unet, help="SGD learning rate of the U-Net (paper: 1.0)")
+    p.add_argument("--lr-scale", type=float, default=d.lr_scale, help="SGD learning rate of S (paper: 0.1)")
+    p.add_argument("--lr-disc", type=float, default=d.lr_disc, help="SGD learning rate of M (paper: 1e-3)")
+    p.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="ReduceLROnPlateau patience")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loading worker processes [nnUNet_n_proc_DA, else 4 on a GPU and 0 on the CPU]")
+    p.add_argument("--cache-dir", default=None, help="preprocessed sources [$nnUNet_preprocessed/nnUNetSAR_sources]")
+    p.add_argument("--seed", type=int, default=d.seed, help="[%(default)s]")
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="[%(default)s]")
+    p.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="resume from checkpoint_latest.pth of this run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same output folder")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
+    from nnunet_sar.pretraining.sources import SourceError
+    workers = args.num_workers
+    if workers is None:
+        workers = int(os.environ.get("nnUNet_n_proc_DA", 4 if args.device == "cuda" else 0))
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("nnunet_sar_pretrain: error: -device cuda but no CUDA device is available (use -device cpu)")
+    settings = PretrainSettings(
+        dataset=args.dataset, sources=args.sources, plans_identifier=args.plans_identifier,
+        configuration=args.configuration, variant=args.variant, epochs=args.epochs,
+        iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, patch_size=args.patch_size,
+        cubes_per_volume=args.cubes_per_volume, val_fraction=args.val_fraction, alpha=args.alpha, beta=args.beta,
+        adv_weight=args.adv_weight, lr_unet=args.lr_unet, lr_scale=args.lr_scale, lr_disc=args.lr_disc,
+        plateau_patience=args.plateau_patience, num_workers=workers, cache_dir=args.cache_dir, seed=args.seed,
+        device=args.device)
+    try:
+        trainer = SARPretrainer(settings)
+        trainer.initialize(continue_training=args.continue_training, overwrite=args.overwrite)
+        trainer.run_training()
+    except (SARError, SourceError) as e:
+        sys.exit(f"nnunet_sar_pretrain: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""The pre-training loop: data, optimisation (paper 3.3), logs and checkpoints like nnU-Net's.
+
+SGD with one learning rate per part (U-Net 1.0, S 0.1, M 1e-3), ReduceLROnPlateau on the loss of a
+fixed, seeded set of validation cubes from held-out source volumes. Writes into
+``$nnUNet_results/D/nnUNetSARPretrain_<variant>__<plans>__<config>/``: a text log, progress.png,
+checkpoint_latest.pth (every epoch, for --continue), checkpoint_best.pth (lowest validation loss) and
+checkpoint_final.pth, the last two in nnU-Net's ``-pretrained_weights`` format.
+"""
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from os.path import isdir, isfile, join
+from time import time
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, save_json
+from torch.utils.data import DataLoader
+
+from nnunet_sar import SARError, __version__
+from nnunet_sar.checkpoint import atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder
+from nnunet_sar.network import build_pretraining_network, load_plans
+from nnunet_sar.pretraining.corruptions import corrupt_batch, genesis_corruptions
+from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, MultiScaleCubes, check_patch_size,
+                                         fixed_validation_cubes)
+from nnunet_sar.pretraining.logger import SARLogger
+from nnunet_sar.pretraining.model import SARNetwork
+from nnunet_sar.pretraining.objective import VARIANTS, SARObjective
+from nnunet_sar.pretraining.sources import preprocess_sources, split_train_val
+
+
+@dataclass
+class PretrainSettings:
+    """Everything that defines a run; saved in every checkpoint and in settings.json."""
+    dataset: str
+    sources: list
+    plans_identifier: str = "nnUNetPlans"
+    configuration: str = "3d_fullres"
+    variant: str = "sar"
+    epochs: int = 100
+    iters_per_epoch: int | None = None  # None: Table 1's cubes per volume make an epoch
+    batch_size: int | None = None       # None: the plans' batch size
+    patch_size: list | None = None      # None: the plans' patch size
+    cubes_per_volume: list = field(default_factory=lambda: list(DEFAULT_CUBES_PER_VOLUME))
+    val_cubes_per_volume: list = field(default_factory=lambda: [2, 2, 4])
+    val_fraction: float = 0.1
+    alpha: float = 1.0
+    beta: float = 10.0
+    adv_weight: float = 1.0             # gradient-reversal weight; 0 keeps M as a probe only
+    lr_unet: float = 1.0
+    lr_scale: float = 0.1
+    lr_disc: float = 1e-3
+    momentum: float = 0.9
+    plateau_patience: int = 10
+    plateau_factor: float = 0.5
+    num_workers: int = 0
+    cache_dir: str | None = None
+    seed: int = 12345
+    device: str = "cuda"
+
+
+class SARPretrainer:
+    def __init__(self, settings: PretrainSettings):
+        if settings.variant not in VARIANTS:
+            raise SARError(f"unknown --variant {settings.variant!r}; choose from {', '.join(VARIANTS)}")
+        self.s = settings
+        self.variant = VARIANTS[settings.variant]
+        self.device = torch.device(settings.device)
+        self.plans_manager, self.configuration_manager, self.dataset_json = load_plans(
+            settings.dataset, settings.plans_identifier, settings.configuration)
+        self.dataset_name = self.plans_manager.dataset_name
+        self.output_folder = pretrain_output_folder(self.dataset_name, settings.variant, settings.plans_identifier,
+                                                    settings.configuration)
+        self.batch_size = settings.batch_size or self.configuration_manager.batch_size
+        self.patch_size = list(settings.patch_size or self.configuration_manager.patch_size)
+        self.current_epoch = 0
+        self.best_val_loss = None
+        self.log_file = None
+        self.logger = SARLogger()
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self, continue_training: bool = False, overwrite: bool = False):
+        self._prepare_output_folder(continue_training, overwrite)
+        s = self.s
+        torch.manual_seed(s.seed), np.random.seed(s.seed), random.seed(s.seed)
+        cache = s.cache_dir or join(os.environ.get("nnUNet_preprocessed", "."), "nnUNetSAR_sources")
+        volumes = preprocess_sources(s.sources, cache, num_processes=max(1, s.num_workers))
+        self.train_volumes, self.val_volumes = split_train_val(volumes, s.val_fraction, s.seed)
+        self.modalities = sorted({v.modality for v in volumes})
+        self.adversarial = self.variant.adversarial
+        if self.adversarial and len(self.modalities) < 2:
+            warnings.warn(f"all sources are {self.modalities[0]}: the adversarial term has nothing to separate and is "
+                          f"left out of this run")
+            self.adversarial = False
+
+        unet = build_pretraining_network(self.plans_manager, self.configuration_manager, num_channels=1)
+        check_patch_size(self.patch_size, unet.encoder.strides)
+        self.network = SARNetwork(unet, num_scales=3, num_modalities=len(self.modalities),
+                                  scale_head=self.variant.scale_loss, discriminator=self.adversarial).to(self.device)
+        self.objective = SARObjective(s.alpha, s.beta)
+        groups = [{"params": self.network.unet.parameters(), "lr": s.lr_unet, "name": "unet"}]
+        if self.network.scale_head is not None:
+            groups.append({"params": self.network.scale_head.parameters(), "lr": s.lr_scale, "name": "scale_head"})
+        if self.network.discriminator is not None:
+            groups.append({"params": self.network.discriminator.parameters(), "lr": s.lr_disc, "name": "discriminator"})
+        self.optimizer = torch.optim.SGD(groups, momentum=s.momentum)
+        self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=s.plateau_factor, patience=s.plateau_patience)
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
+
+        cubes_per_volume = [c if i in self.variant.scales else 0 for i, c in enumerate(s.cubes_per_volume)]
+        self.transforms = genesis_corruptions()
+        self.train_cubes = MultiScaleCubes(self.train_volumes, self.patch_size, cubes_per_volume=cubes_per_volume,
+                                           modalities=self.modalities, seed=s.seed,
+                                           transforms=self.transforms if self.device.type == "cpu" else None)
+        val_per_volume = [c if i in self.variant.scales else 0 for i, c in enumerate(s.val_cubes_per_volume)]
+        self.val_batch = fixed_validation_cubes(self.val_volumes, self.patch_size, val_per_volume,
+                                                self.transforms, seed=s.seed + 1)
+        self.print_to_log_file(
+            f"SAR pre-training '{s.variant}' ({self.variant.description}) for {self.dataset_name} / "
+            f"{s.plans_identifier} / {s.configuration}: {len(self.train_volumes)} training and "
+            f"{len(self.val_volumes)} validation volumes, modalities {self.modalities}, patch {self.patch_size}, "
+            f"batch {self.batch_size}, {self.iterations_per_epoch} iterations per epoch, device {self.device}")
+        save_json(self.settings_dict(), join(self.output_folder, "settings.json"), sort_keys=False)
+        if continue_training:
+            self.load_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+
+    def _prepare_output_folder(self, continue_training: bool, overwrite: bool):
+        latest = join(self.output_folder, "checkpoint_latest.pth")
+        if continue_training:
+            if not isfile(latest):
+                raise SARError(f"--continue: no {latest} to resume from")
+        elif isdir(self.output_folder) and os.listdir(self.output_folder):
+            if not overwrite:
+                raise SARError(f"{self.output_folder} already holds a run; resume it with --continue or replace it "
+                               f"with --overwrite")
+            shutil.rmtree(self.output_folder)
+        try:
+            maybe_mkdir_p(self.output_folder)
+            self.log_file = join(self.output_folder, datetime.now().strftime("training_log_%Y_%m_%d_%H_%M_%S.txt"))
+            open(self.log_file, "a").close()
+        except OSError as e:
+            raise SARError(f"cannot write to {self.output_folder}: {e.strerror}") from None
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return self.s.iters_per_epoch or max(1, len(self.train_cubes) // self.batch_size)
+
+    def settings_dict(self) -> dict:
+        return {**dataclasses.asdict(self.s), "dataset_name": self.dataset_name, "modalities": self.modalities,
+                "adversarial": self.adversarial, "scale_loss": self.variant.scale_loss,
+                "scales": list(self.variant.scales), "batch_size": self.batch_size, "patch_size": self.patch_size,
+                "network_class": self.configuration_manager.network_arch_class_name, "num_input_channels": 1,
+                "nnunet_sar_version": __version__}
+
+    def print_to_log_file(self, *args):
+        line = f"{datetime.now()}: " + " ".join(str(a) for a in args)
+        print(line, flush=True)
+        with open(self.log_file, "a") as f:
+            f.write(line + "\n")
+
+    # ------------------------------------------------------------------ one epoch
+    def _loader(self):
+        self.train_cubes.set_epoch(self.current_epoch)
+        n = self.iterations_per_epoch * self.batch_size
+        return DataLoader(self.train_cubes, batch_size=self.batch_size, sampler=range(n), drop_last=True,
+                          num_workers=self.s.num_workers, pin_memory=self.device.type == "cuda")
+
+    def _step(self, batch: dict, train: bool) -> dict:
+        image = batch["image"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        if train and self.device.type != "cpu":  # corruptions run batched on the accelerator
+            image, target = corrupt_batch(image, self.transforms)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            restored, scale_logits, modality_logits = self.network(image, self.s.adv_weight)
+            terms = self.objective(restored, scale_logits, modality_logits, target,
+                                   batch["scale"].to(self.device), batch["modality"].to(self.device))
+        if train:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = terms["total"]
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(loss).backward()
+                self.grad_scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+                self.optimizer.step()
+        return {k: v.detach().item() for k, v in terms.items()}
+
+    def train_epoch(self) -> dict:
+        self.network.train()
+        results = [self._step(batch, train=True) for batch in self._loader()]
+        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.network.eval()
+        n, results = len(self.val_batch["image"]), []
+        for i in range(0, n, self.batch_size):
+            batch = {k: v[i:i + self.batch_size] for k, v in self.val_batch.items()}
+            results.append((len(batch["image"]), self._step(batch, train=False)))
+        return {k: float(sum(m * r[k] for m, r in results) / n) for k in results[0][1]}
+
+    def _check_finite(self, terms: dict, where: str):
+        for k, v in terms.items():
+            if not np.isfinite(v):
+                raise SARError(f"non-finite {where} loss term '{k}' = {v} in epoch {self.current_epoch}; the last good "
+                               f"checkpoint is {join(self.output_folder, 'checkpoint_latest.pth')} (try lower "
+                               f"learning rates, e.g. --lr-unet 0.1)")
+
+    # ------------------------------------------------------------------ the run
+    def run_training(self):
+        while self.current_epoch < self.s.epochs:
+            start = time()
+            train = self.train_epoch()
+            self._check_finite(train, "training")
+            val = self.validate()
+            self._check_finite(val, "validation")
+            self.lr_scheduler.step(val["scheduled"])
+            self.on_epoch_end(start, train, val)
+        self.save_checkpoint(join(self.output_folder, "checkpoint_final.pth"))
+        self.print_to_log_file(f"done: {join(self.output_folder, 'checkpoint_final.pth')}")
+
+    def on_epoch_end(self, start: float, train: dict, val: dict):
+        e, log = self.current_epoch, self.logger
+        for k in ("res", "scale", "adv", "scale_acc", "adv_acc"):
+            log.log(f"train_{k}", train.get(k, np.nan), e)
+            log.log(f"val_{k}", val.get(k, np.nan), e)
+        log.log("val_loss", val["scheduled"], e)
+        for group in self.optimizer.param_groups:
+            log.log(f"lr_{group['name']}", group["lr"], e)
+        log.log("epoch_start_timestamps", start, e)
+        log.log("epoch_end_timestamps", time(), e)
+        parts = [f"res {train['res']:.4f}/{val['res']:.4f}"]
+        if "scale" in val:
+            parts.append(f"scale {train['scale']:.3f}/{val['scale']:.3f} (acc {val['scale_acc']:.2f})")
+        if "adv" in val:
+            parts.append(f"adv {train['adv']:.3f}/{val['adv']:.3f} (M acc {val['adv_acc']:.2f})")
+        self.print_to_log_file(f"epoch {e + 1}/{self.s.epochs} train/val: " + ", ".join(parts) +
+                               f"; lr {self.optimizer.param_groups[0]['lr']:.3g}; {time() - start:.1f} s")
+        log.plot_progress_png(self.output_folder)
+        self.current_epoch += 1
+        if self.best_val_loss is None or val["scheduled"] < self.best_val_loss:
+            self.best_val_loss = val["scheduled"]
+            self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, fname: str):
+        heads = {name: cpu_state_dict(m) for name, m in (("scale_head", self.network.scale_head),
+                                                          ("discriminator", self.network.discriminator))
+                 if m is not None}
+        atomic_save({
+            "network_weights": cpu_state_dict(self.network.unet),  # nnU-Net's -pretrained_weights format
+            **heads,
+            "optimizer_state": self.optimizer.state_dict(),
+            "lr_scheduler_state": self.lr_scheduler.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "current_epoch": self.current_epoch,
+            "best_val_loss": self.best_val_loss,
+            "rng_states": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "trainer_name": f"nnUNetSARPretrain_{self.s.variant}",
+            "settings": self.settings_dict(),
+        }, fname)
+
+    def load_checkpoint(self, fname: str):
+        ckpt = load_checkpoint_file(fname)
+        self.network.unet.load_state_dict(ckpt["network_weights"])
+        for name in ("scale_head", "discriminator"):
+            if getattr(self.network, name) is not None:
+                getattr(self.network, name).load_state_dict(ckpt[name])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler_state"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler_state"):
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+        self.logger.load_checkpoint(ckpt["logging"])
+        self.current_epoch, self.best_val_loss = ckpt["current_epoch"], ckpt["best_val_loss"]
+        rng = ckpt["rng_states"]
+        torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.print_to_log_file(f"resumed from {fname} at epoch {self.current_epoch}")

@@ -1,0 +1,65 @@
+"""Test session set-up: nnU-Net's folders in a fresh temporary directory (set before nnunetv2 is
+imported, because nnunetv2.paths reads them at import), CPU-friendly nnU-Net settings, and one small
+planned phantom target plus two phantom sources shared by the end-to-end tests."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from os.path import join
+
+import pytest
+
+_ROOT = tempfile.mkdtemp(prefix="nnunet_sar_tests_")
+for _k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    os.environ[_k] = join(_ROOT, _k)
+    os.makedirs(os.environ[_k], exist_ok=True)
+os.environ.update({"nnUNet_compile": "0", "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "2", "OMP_NUM_THREADS": "2"})
+os.environ.pop("nnUNet_SAR_checkpoint", None)
+
+TARGET_ID, TARGET = 801, "Dataset801_SARTestTumor"
+SOURCE_IDS = (802, 803)  # CT, MRI
+
+
+def exe(name: str) -> str:
+    """A console script installed next to the test interpreter."""
+    return join(os.path.dirname(sys.executable), name)
+
+
+def run(cmd: list, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{cmd} exited {done.returncode}\nstdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def nnunet_folders():
+    return {k: os.environ[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+
+
+@pytest.fixture(scope="session")
+def planned_target(nnunet_folders):
+    """A planned and preprocessed MRI tumor target (6 + 2 test cases of 32^3) and CT + MRI sources."""
+    from nnunet_sar.phantoms import write_phantom_dataset
+    raw = nnunet_folders["nnUNet_raw"]
+    write_phantom_dataset(raw, TARGET_ID, "SARTestTumor", "MRI", num_training=6, num_test=2, shape=(32, 32, 32), seed=3)
+    write_phantom_dataset(raw, SOURCE_IDS[0], "SARTestCT", "CT", num_training=4, shape=(24, 32, 32),
+                          spacing=(1.5, 1.0, 1.0), seed=7)
+    write_phantom_dataset(raw, SOURCE_IDS[1], "SARTestMRI", "MRI", num_training=4, shape=(32, 32, 32), seed=8)
+    run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(TARGET_ID), "-c", "3d_fullres", "-np", "1",
+         "--verify_dataset_integrity"], env={**os.environ, "nnUNet_n_proc_DA": "1"})
+    return TARGET
+
+
+@pytest.fixture(scope="session")
+def pretrained(planned_target):
+    """A brief SAR pre-training run through the real console script; returns its output folder."""
+    run([exe("nnunet_sar_pretrain"), "-d", str(TARGET_ID), "--sources", *map(str, SOURCE_IDS), "--epochs", "2",
+         "--iters-per-epoch", "3", "-device", "cpu"])
+    from nnunet_sar.checkpoint import pretrain_output_folder
+    return pretrain_output_folder(TARGET, "sar", "nnUNetPlans", "3d_fullres")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_ROOT, ignore_errors=True)
