@@ -17,6 +17,7 @@ for _k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
 os.environ.update({"nnUNet_compile": "0", "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "2", "OMP_NUM_THREADS": "2"})
 os.environ.pop("nnUNet_SAR_checkpoint", None)
 
+PLANNING_ENV = {**os.environ, "nnUNet_n_proc_DA": "1"}  # nnU-Net's planner crashes with 0 threads
 TARGET_ID, TARGET = 801, "Dataset801_SARTestTumor"
 SOURCE_IDS = (802, 803)  # CT, MRI
 
@@ -48,7 +49,7 @@ def planned_target(nnunet_folders):
                           spacing=(1.5, 1.0, 1.0), seed=7)
     write_phantom_dataset(raw, SOURCE_IDS[1], "SARTestMRI", "MRI", num_training=4, shape=(32, 32, 32), seed=8)
     run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(TARGET_ID), "-c", "3d_fullres", "-np", "1",
-         "--verify_dataset_integrity"], env={**os.environ, "nnUNet_n_proc_DA": "1"})
+         "--verify_dataset_integrity"], env=PLANNING_ENV)
     return TARGET
 
 

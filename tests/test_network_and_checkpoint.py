@@ -4,18 +4,17 @@ from os.path import join
 
 import pytest
 import torch
-from conftest import TARGET, TARGET_ID, exe, run
+from conftest import PLANNING_ENV, TARGET, TARGET_ID, exe, run
 
 
 def _shapes(module):
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _trainer(cls, dataset, plans="nnUNetPlans"):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    folder = join(os.environ["nnUNet_preprocessed"], dataset)
-    return cls(load_json(join(folder, plans + ".json")), "3d_fullres", 0, load_json(join(folder, "dataset.json")),
-               device=torch.device("cpu"))
+def _trainer(name, plans="nnUNetPlans"):
+    """The trainer exactly as nnUNetv2_train makes it (nnU-Net's lookup by name included)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    return get_trainer_from_args(TARGET, "3d_fullres", 0, name, plans, device=torch.device("cpu"))
 
 
 def test_nnunet_lookup_finds_the_trainers():
@@ -29,11 +28,10 @@ def test_nnunet_lookup_finds_the_trainers():
 
 @pytest.mark.parametrize("planner,plans", [(None, "nnUNetPlans"), ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans")])
 def test_network_equals_the_one_nnunet_trainer_builds(planned_target, planner, plans):
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunet_sar.network import build_pretraining_network, build_target_network, load_plans
     if planner:
-        run([exe("nnUNetv2_plan_experiment"), "-d", str(TARGET_ID), "-pl", planner])
-    trainer = _trainer(nnUNetTrainer, TARGET, plans)
+        run([exe("nnUNetv2_plan_experiment"), "-d", str(TARGET_ID), "-pl", planner], env=PLANNING_ENV)
+    trainer = _trainer("nnUNetTrainer", plans)
     trainer.initialize()
     pm, cm, dj = load_plans(TARGET, plans)
     ours = build_target_network(pm, cm, dj)
@@ -74,9 +72,8 @@ def test_pretraining_checkpoint_has_nnunet_format(pretrained):
 
 
 def test_sar_trainer_starts_from_the_pretrained_weights(pretrained):
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     ckpt = torch.load(join(pretrained, "checkpoint_final.pth"), map_location="cpu", weights_only=False)["network_weights"]
-    trainer = _trainer(recursive_find_trainer_class_by_name("nnUNetTrainerSAR"), TARGET)
+    trainer = _trainer("nnUNetTrainerSAR")
     trainer.initialize()
     state = trainer.network.state_dict()
     compared = 0
@@ -92,13 +89,12 @@ def test_sar_trainer_starts_from_the_pretrained_weights(pretrained):
         assert f"loaded {compared} pre-trained tensors" in f.read()
 
 
-def test_sar_trainer_without_checkpoint_says_how_to_make_one(planned_target, monkeypatch, tmp_path):
+def test_sar_trainer_without_checkpoint_says_how_to_make_one(planned_target):
     from nnunet_sar import SARError
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    cls = recursive_find_trainer_class_by_name("nnUNetTrainerSAR")
-    monkeypatch.setattr(cls, "pretraining_variant", "scale8")  # a variant never pre-trained here
+    trainer = _trainer("nnUNetTrainerSAR")
+    trainer.pretraining_variant = "scale8"  # a variant never pre-trained here
     with pytest.raises(SARError, match="nnunet_sar_pretrain -d Dataset801_SARTestTumor .*--variant scale8"):
-        _trainer(cls, TARGET).initialize()
+        trainer.initialize()
 
 
 def test_checkpoint_of_other_plans_names_the_differences(pretrained, tmp_path):
