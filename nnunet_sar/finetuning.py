@@ -6,6 +6,7 @@ configuration (variant ``pretraining_variant``), verifying every tensor and logg
 loaded and from where. Nothing is frozen. The named trainers live in ``trainers/`` (installed into
 nnU-Net's trainer folder) and are one or two lines each.
 """
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_pretrained_into
@@ -26,10 +27,12 @@ class SARInitialisation:
 
 
 class DemoSchedule:
-    """A few short epochs, for nnunet_sar_demo and the tests on a CPU."""
+    """A few short epochs, for nnunet_sar_demo and the tests on a CPU. (nnU-Net records the arguments
+    of ``__init__`` by signature, so it must be spelled out.)"""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 3
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 3

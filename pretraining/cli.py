@@ -66,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
-    from nnunet_sar.pretraining.sources import SourceError
     workers = args.num_workers
     if workers is None:
         workers = int(os.environ.get("nnUNet_n_proc_DA", 4 if args.device == "cuda" else 0))
@@ -86,7 +85,7 @@ def main(argv=None):
         trainer = SARPretrainer(settings)
         trainer.initialize(continue_training=args.continue_training, overwrite=args.overwrite)
         trainer.run_training()
-    except (SARError, SourceError) as e:
+    except SARError as e:
         sys.exit(f"nnunet_sar_pretrain: error: {e}")
 
 

@@ -100,7 +100,10 @@ class SARPretrainer:
             self.adversarial = False
 
         unet = build_pretraining_network(self.plans_manager, self.configuration_manager, num_channels=1)
-        check_patch_size(self.patch_size, unet.encoder.strides)
+        try:
+            check_patch_size(self.patch_size, unet.encoder.strides)
+        except ValueError as e:
+            raise SARError(f"patch size for {s.plans_identifier} / {s.configuration}: {e}") from None
         self.network = SARNetwork(unet, num_scales=3, num_modalities=len(self.modalities),
                                   scale_head=self.variant.scale_loss, discriminator=self.adversarial).to(self.device)
         self.objective = SARObjective(s.alpha, s.beta)
@@ -121,7 +124,7 @@ class SARPretrainer:
                                            transforms=self.transforms if self.device.type == "cpu" else None)
         val_per_volume = [c if i in self.variant.scales else 0 for i, c in enumerate(s.val_cubes_per_volume)]
         self.val_batch = fixed_validation_cubes(self.val_volumes, self.patch_size, val_per_volume,
-                                                self.transforms, seed=s.seed + 1)
+                                                self.transforms, seed=s.seed + 1, modalities=self.modalities)
         self.print_to_log_file(
             f"SAR pre-training '{s.variant}' ({self.variant.description}) for {self.dataset_name} / "
             f"{s.plans_identifier} / {s.configuration}: {len(self.train_volumes)} training and "
@@ -167,9 +170,11 @@ class SARPretrainer:
 
     # ------------------------------------------------------------------ one epoch
     def _loader(self):
-        self.train_cubes.set_epoch(self.current_epoch)
-        n = self.iterations_per_epoch * self.batch_size
-        return DataLoader(self.train_cubes, batch_size=self.batch_size, sampler=range(n), drop_last=True,
+        """This epoch's cubes as (plan, index) keys: a cube depends only on its key, whatever the workers.
+        An epoch longer than one plan (--iters-per-epoch) continues into further plans."""
+        n, per_plan = self.iterations_per_epoch * self.batch_size, len(self.train_cubes)
+        keys = [(self.current_epoch * 1_000_003 + j // per_plan, j % per_plan) for j in range(n)]
+        return DataLoader(self.train_cubes, batch_size=self.batch_size, sampler=keys, drop_last=True,
                           num_workers=self.s.num_workers, pin_memory=self.device.type == "cuda")
 
     def _step(self, batch: dict, train: bool) -> dict:
