@@ -20,7 +20,22 @@ which nnUNetv2_train <dataset> <configuration> FOLD -tr nnUNetTrainerSAR loads b
 """
 
 
+def _key_value(text: str) -> tuple[str, float]:
+    from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES
+    key, _, value = text.partition("=")
+    if key not in GENESIS_PROBABILITIES:
+        raise argparse.ArgumentTypeError(f"unknown corruption {key!r}; known: {', '.join(GENESIS_PROBABILITIES)}")
+    try:
+        p = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number") from None
+    if not 0 <= p <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a probability must lie in [0, 1]")
+    return key, p
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES
     from nnunet_sar.pretraining.loop import PretrainSettings
     from nnunet_sar.pretraining.objective import VARIANTS
     d = PretrainSettings(dataset="", sources=[])
@@ -42,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input cube size, e.g. the paper's 64 64 32 [the plans' patch size]")
     p.add_argument("--cubes-per-volume", type=int, nargs=3, default=d.cubes_per_volume, metavar=("L", "M", "S"),
                    help="cubes per volume and epoch at 1/2, 1/4, 1/8 of the side (paper Table 1) [16 16 32]")
+    p.add_argument("--corruption", nargs="+", default=[], metavar="KEY=P", type=_key_value,
+                   help="override Models Genesis' corruption rates: " + " ".join(
+                       f"{k}={v}" for k, v in GENESIS_PROBABILITIES.items()))
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="share of source cases held out for the validation loss [%(default)s]")
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of L_scale (paper: 1) [%(default)s]")
@@ -55,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loading worker processes [nnUNet_n_proc_DA, else 4 on a GPU and 0 on the CPU]")
     p.add_argument("--cache-dir", default=None, help="preprocessed sources [$nnUNet_preprocessed/nnUNetSAR_sources]")
+    p.add_argument("--norm", default=d.norm, choices=["batch", "instance"],
+                   help="normalisation while pre-training: batch (paper 3.3) or the plans' instance norm [%(default)s]")
     p.add_argument("--seed", type=int, default=d.seed, help="[%(default)s]")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="[%(default)s]")
     p.add_argument("--continue", dest="continue_training", action="store_true",
@@ -73,13 +93,15 @@ def main(argv=None):
         import torch
         if not torch.cuda.is_available():
             sys.exit("nnunet_sar_pretrain: error: -device cuda but no CUDA device is available (use -device cpu)")
+    settings_defaults = PretrainSettings(dataset="", sources=[])
     settings = PretrainSettings(
         dataset=args.dataset, sources=args.sources, plans_identifier=args.plans_identifier,
         configuration=args.configuration, variant=args.variant, epochs=args.epochs,
         iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, patch_size=args.patch_size,
-        cubes_per_volume=args.cubes_per_volume, val_fraction=args.val_fraction, alpha=args.alpha, beta=args.beta,
+        cubes_per_volume=args.cubes_per_volume, corruptions={**settings_defaults.corruptions, **dict(args.corruption)},
+        val_fraction=args.val_fraction, alpha=args.alpha, beta=args.beta,
         adv_weight=args.adv_weight, lr_unet=args.lr_unet, lr_scale=args.lr_scale, lr_disc=args.lr_disc,
-        plateau_patience=args.plateau_patience, num_workers=workers, cache_dir=args.cache_dir, seed=args.seed,
+        plateau_patience=args.plateau_patience, num_workers=workers, cache_dir=args.cache_dir, norm=args.norm, seed=args.seed,
         device=args.device)
     try:
         trainer = SARPretrainer(settings)

@@ -346,9 +346,12 @@ class ImagePainting(ImageOnlyTransform):
 # ----------------------------------------------------------------------------------------------
 # pipeline
 # ----------------------------------------------------------------------------------------------
+GENESIS_PROBABILITIES = {"flip_p": 0.4, "shuffle_p": 0.5, "nonlinear_p": 0.9, "paint_p": 0.9, "inpaint_share": 0.2}
+
+
 def genesis_corruptions(flip_p: float = 0.4, shuffle_p: float = 0.5, nonlinear_p: float = 0.9,
                         paint_p: float = 0.9, inpaint_share: float = 0.2) -> ComposeTransforms:
-    """The Models Genesis corruption pipeline (its public config by default):
+    """The Models Genesis corruption pipeline (its public config by default, GENESIS_PROBABILITIES):
     flip -> local shuffle -> non-linear -> painting (in- or out-)."""
     return ComposeTransforms([
         GenesisFlip(p=flip_p),

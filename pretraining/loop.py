@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from nnunet_sar import SARError, __version__
 from nnunet_sar.checkpoint import atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder
-from nnunet_sar.network import build_pretraining_network, load_plans
-from nnunet_sar.pretraining.corruptions import corrupt_batch, genesis_corruptions
+from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
+from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions
 from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, MultiScaleCubes, check_patch_size,
                                          fixed_validation_cubes)
 from nnunet_sar.pretraining.logger import SARLogger
@@ -50,6 +50,7 @@ class PretrainSettings:
     cubes_per_volume: list = field(default_factory=lambda: list(DEFAULT_CUBES_PER_VOLUME))
     val_cubes_per_volume: list = field(default_factory=lambda: [2, 2, 4])
     val_fraction: float = 0.1
+    corruptions: dict = field(default_factory=lambda: dict(GENESIS_PROBABILITIES))  # Models Genesis' rates
     alpha: float = 1.0
     beta: float = 10.0
     adv_weight: float = 1.0             # gradient-reversal weight; 0 keeps M as a probe only
@@ -61,8 +62,16 @@ class PretrainSettings:
     plateau_factor: float = 0.5
     num_workers: int = 0
     cache_dir: str | None = None
+    norm: str = "batch"                 # the paper pre-trains with batch norm; "instance": the plans' norm
     seed: int = 12345
     device: str = "cuda"
+
+
+def default_batch_size(configuration_manager, patch_size) -> int:
+    """The plans' batch size, scaled up when the cubes are smaller than the plans' patch (the same
+    voxels per batch, so about the same memory): 64x64x32 cubes for 128^3 plans give batch 32."""
+    plans_voxels = configuration_manager.batch_size * np.prod(configuration_manager.patch_size)
+    return int(max(configuration_manager.batch_size, min(64, plans_voxels // np.prod(patch_size))))
 
 
 class SARPretrainer:
@@ -77,8 +86,8 @@ class SARPretrainer:
         self.dataset_name = self.plans_manager.dataset_name
         self.output_folder = pretrain_output_folder(self.dataset_name, settings.variant, settings.plans_identifier,
                                                     settings.configuration)
-        self.batch_size = settings.batch_size or self.configuration_manager.batch_size
         self.patch_size = list(settings.patch_size or self.configuration_manager.patch_size)
+        self.batch_size = settings.batch_size or default_batch_size(self.configuration_manager, self.patch_size)
         self.current_epoch = 0
         self.best_val_loss = None
         self.log_file = None
@@ -94,12 +103,17 @@ class SARPretrainer:
         self.train_volumes, self.val_volumes = split_train_val(volumes, s.val_fraction, s.seed)
         self.modalities = sorted({v.modality for v in volumes})
         self.adversarial = self.variant.adversarial
+        if s.norm == "batch" and self.batch_size < 8 and (self.variant.scale_loss or self.adversarial):
+            warnings.warn(f"batch size {self.batch_size}: S and M read batch-normalised features, and so few cubes per "
+                          f"batch hide scale and modality differences; consider --patch-size 64 64 32 (paper) or "
+                          f"--batch-size 8 or more")
         if self.adversarial and len(self.modalities) < 2:
             warnings.warn(f"all sources are {self.modalities[0]}: the adversarial term has nothing to separate and is "
                           f"left out of this run")
             self.adversarial = False
 
-        unet = build_pretraining_network(self.plans_manager, self.configuration_manager, num_channels=1)
+        unet = build_pretraining_network(self.plans_manager, self.configuration_manager, num_channels=1,
+                                         norm=s.norm)
         try:
             check_patch_size(self.patch_size, unet.encoder.strides)
         except ValueError as e:
@@ -118,7 +132,7 @@ class SARPretrainer:
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
 
         cubes_per_volume = [c if i in self.variant.scales else 0 for i, c in enumerate(s.cubes_per_volume)]
-        self.transforms = genesis_corruptions()
+        self.transforms = genesis_corruptions(**s.corruptions)
         self.train_cubes = MultiScaleCubes(self.train_volumes, self.patch_size, cubes_per_volume=cubes_per_volume,
                                            modalities=self.modalities, seed=s.seed,
                                            transforms=self.transforms if self.device.type == "cpu" else None)
@@ -208,7 +222,10 @@ class SARPretrainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        self.network.eval()
+        """Loss terms on the fixed validation cubes. With batch norm the statistics of the batch are used,
+        as Models Genesis' ContBatchNorm3d does: running averages over a few noisy pre-training steps
+        would make the plateau schedule follow noise."""
+        self.network.train(self.s.norm == "batch")
         n, results = len(self.val_batch["image"]), []
         for i in range(0, n, self.batch_size):
             batch = {k: v[i:i + self.batch_size] for k, v in self.val_batch.items()}
@@ -264,8 +281,11 @@ class SARPretrainer:
         heads = {name: cpu_state_dict(m) for name, m in (("scale_head", self.network.scale_head),
                                                           ("discriminator", self.network.discriminator))
                  if m is not None}
+        unet = cpu_state_dict(self.network.unet)
+        weights = nnunet_weights(unet)
         atomic_save({
-            "network_weights": cpu_state_dict(self.network.unet),  # nnU-Net's -pretrained_weights format
+            "network_weights": weights,  # exactly nnU-Net's keys: the -pretrained_weights format
+            "norm_statistics": {k: v for k, v in unet.items() if k not in weights},  # batch norm, for --continue
             **heads,
             "optimizer_state": self.optimizer.state_dict(),
             "lr_scheduler_state": self.lr_scheduler.state_dict(),
@@ -281,7 +301,7 @@ class SARPretrainer:
 
     def load_checkpoint(self, fname: str):
         ckpt = load_checkpoint_file(fname)
-        self.network.unet.load_state_dict(ckpt["network_weights"])
+        self.network.unet.load_state_dict({**ckpt["network_weights"], **ckpt.get("norm_statistics", {})})
         for name in ("scale_head", "discriminator"):
             if getattr(self.network, name) is not None:
                 getattr(self.network, name).load_state_dict(ckpt[name])

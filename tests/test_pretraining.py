@@ -1,0 +1,135 @@
+"""The SAR method in the loop: heads, the min-max mechanism, variants, learning on phantoms, resume."""
+import json
+import os
+import warnings
+from os.path import isfile, join
+
+import pytest
+import torch
+from conftest import SOURCE_IDS, TARGET
+
+
+@pytest.fixture(scope="module")
+def tiny_plans(planned_target):
+    """nnU-Net's plans for the target with 8..64 features per stage: a tiny network for CPU learning tests."""
+    folder = join(os.environ["nnUNet_preprocessed"], TARGET)
+    plans = json.load(open(join(folder, "nnUNetPlans.json")))
+    plans["plans_name"] = "nnUNetPlansTiny"
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64]
+    json.dump(plans, open(join(folder, "nnUNetPlansTiny.json"), "w"))
+    return "nnUNetPlansTiny"
+
+
+def _trainer(tiny_plans, results, **kw):
+    from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
+    os.environ["nnUNet_results"] = str(results)  # nnunetv2.paths reads the environment on access
+    s = PretrainSettings(dataset=TARGET, sources=[str(i) for i in SOURCE_IDS], plans_identifier=tiny_plans,
+                         device="cpu", batch_size=8, val_fraction=0.25, **kw)
+    t = SARPretrainer(s)
+    return t
+
+
+@pytest.fixture
+def results(tmp_path):
+    old = os.environ["nnUNet_results"]
+    yield tmp_path
+    os.environ["nnUNet_results"] = old
+
+
+def test_gradient_reversal_flips_and_scales_the_encoder_gradient():
+    from nnunet_sar.heads import reverse_gradient
+    x = torch.randn(3, 4, requires_grad=True)
+    (reverse_gradient(x, 0.5) * torch.arange(4.)).sum().backward()
+    assert torch.equal(x.grad, -0.5 * torch.arange(4.).expand(3, 4))
+
+
+def test_discriminator_is_fed_densely_and_plays_against_the_encoder(tiny_plans):
+    from nnunet_sar.network import build_pretraining_network, load_plans
+    from nnunet_sar.pretraining.model import SARNetwork
+    torch.manual_seed(0)
+    pm, cm, _ = load_plans(TARGET, tiny_plans)
+    net = SARNetwork(build_pretraining_network(pm, cm), num_modalities=3)
+    enc = net.unet.encoder
+    m = net.discriminator
+    assert m.taps == [1, 2, 3] and len(m.convs) == 3
+    widths = [c.conv.in_channels for c in m.convs]
+    assert widths == [enc.output_channels[1], 64 + enc.output_channels[2], 64 + enc.output_channels[3]]
+    x = torch.rand(4, 1, 32, 32, 32)
+    restored, scale, modality = net(x)
+    assert restored.shape == x.shape and scale.shape == (4, 3) and modality.shape == (4, 3)
+    grads = {}
+    for w in (1.0, 2.0):
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(x, adv_weight=w)[2], torch.tensor([0, 1, 2, 0])).backward()
+        grads[w] = (enc.stages[1][0].convs[0].conv.weight.grad.clone(), m.fc[-1].weight.grad.clone())
+    assert grads[1.0][0].abs().sum() > 0  # the shallowest tap receives M's gradient
+    assert torch.allclose(grads[2.0][0], 2 * grads[1.0][0], atol=1e-6)  # the encoder's share scales with the weight
+    assert torch.allclose(grads[2.0][1], grads[1.0][1])  # M's own gradient does not
+    net.zero_grad()
+    skips = enc(x)  # without reversal: the encoder gradient has the opposite sign
+    torch.nn.functional.cross_entropy(m(skips), torch.tensor([0, 1, 2, 0])).backward()
+    assert torch.allclose(enc.stages[1][0].convs[0].conv.weight.grad, -grads[1.0][0], atol=1e-6)
+
+
+def test_restoration_and_scale_learn_on_phantoms(tiny_plans, results):
+    """Some dozens of SGD steps on a tiny network: L_res and L_scale fall from their start and the scale
+    head beats chance (1/3) on held-out cubes. The corruptions are off here: out-painting noise masks the
+    scale cue for far longer than a CPU test can run (the corruptions have their own tests)."""
+    t = _trainer(tiny_plans, results, epochs=6, iters_per_epoch=20, lr_unet=0.1, lr_disc=0.1,
+                 corruptions=dict(flip_p=0.4, shuffle_p=0, nonlinear_p=0, paint_p=0, inpaint_share=0))
+    t.initialize()
+    start = t.validate()
+    t.run_training()
+    log = t.logger.my_fantastic_logging
+    assert log["val_res"][-1] < 0.25 * start["res"]
+    assert log["val_scale"][-1] < start["scale"]
+    assert max(log["val_scale_acc"][-2:]) > 0.45
+    assert isfile(join(t.output_folder, "progress.png")) and isfile(join(t.output_folder, "checkpoint_best.pth"))
+
+
+def test_variant_genesis_writes_its_own_run_without_heads(tiny_plans, results):
+    t = _trainer(tiny_plans, results, variant="genesis", epochs=1, iters_per_epoch=2)
+    t.initialize()
+    t.run_training()
+    assert t.output_folder.endswith("nnUNetSARPretrain_genesis__nnUNetPlansTiny__3d_fullres")
+    ckpt = torch.load(join(t.output_folder, "checkpoint_final.pth"), weights_only=False)
+    assert "scale_head" not in ckpt and "discriminator" not in ckpt
+    assert ckpt["settings"]["variant"] == "genesis" and not ckpt["settings"]["adversarial"]
+
+
+def test_single_modality_sources_drop_the_adversarial_term(tiny_plans, results):
+    t = _trainer(tiny_plans, results, epochs=1, iters_per_epoch=1)
+    t.s.sources = [str(SOURCE_IDS[0])]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t.initialize()
+    assert any("nothing to separate" in str(x.message) for x in w)
+    assert t.network.discriminator is None and t.settings_dict()["adversarial"] is False
+
+
+def test_patch_size_not_divisible_by_the_stride(tiny_plans, results):
+    from nnunet_sar import SARError
+    t = _trainer(tiny_plans, results, patch_size=[30, 32, 32], epochs=1)
+    with pytest.raises(SARError, match=r"30"):
+        t.initialize()
+
+
+def test_resume_ends_with_the_same_weights(tiny_plans, results):
+    """Killed after epoch 1 and resumed with --continue == never interrupted (deterministic on the CPU)."""
+    kw = dict(epochs=2, iters_per_epoch=2)
+    straight = _trainer(tiny_plans, results / "a", **kw)
+    straight.initialize()
+    straight.run_training()
+    first = _trainer(tiny_plans, results / "b", **{**kw, "epochs": 1})
+    first.initialize()
+    first.run_training()
+    resumed = _trainer(tiny_plans, results / "b", **kw)
+    resumed.initialize(continue_training=True)
+    assert resumed.current_epoch == 1
+    resumed.run_training()
+    a = torch.load(join(straight.output_folder, "checkpoint_final.pth"), weights_only=False)
+    b = torch.load(join(resumed.output_folder, "checkpoint_final.pth"), weights_only=False)
+    for part in ("network_weights", "scale_head", "discriminator"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["optimizer_state"]["param_groups"][0]["lr"] == b["optimizer_state"]["param_groups"][0]["lr"]
