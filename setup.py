@@ -40,6 +40,7 @@ setup(
         "console_scripts": [
             "nnunet_sar_pretrain=nnunet_sar.pretraining.cli:main",
             "nnunet_sar_demo=nnunet_sar.demo:main",
+            "nnunet_sar_benchmark=nnunet_sar.benchmark:main",
         ]
     },
 )

@@ -52,14 +52,40 @@ def find_pretrained_checkpoint(dataset_name: str, variant: str, plans_identifier
 
 
 def atomic_save(obj, fname: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `fname`: a kill
+    (or a full disk, or a power cut) at any moment leaves either the previous complete file or the new one.
+    A failed save removes its temporary file and raises SARError naming `fname`; the previous file stays."""
     tmp = f"{fname}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
         os.replace(tmp, fname)
+        _fsync_folder(os.path.dirname(os.path.abspath(fname)))
+    except OSError as e:
+        raise SARError(f"cannot write checkpoint {fname}: {e.strerror or _one_line(e)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict:
@@ -80,7 +106,7 @@ def load_checkpoint_file(fname: str) -> dict:
     try:
         ckpt = torch.load(fname, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated / foreign files
-        raise SARError(f"cannot read checkpoint {fname}: {type(e).__name__}: {e}") from None
+        raise SARError(f"cannot read checkpoint {fname}: {type(e).__name__}: {_one_line(e)}") from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise SARError(f"{fname} is not an nnU-Net style checkpoint (no 'network_weights' key)")
     return ckpt

@@ -83,6 +83,8 @@ def build_pretraining_network(plans_manager, configuration_manager, num_channels
         configuration_manager = ConfigurationManager(deepcopy(configuration_manager.configuration))
         configuration_manager.configuration["architecture"]["arch_kwargs"]["norm_op"] = PRETRAINING_NORMS[norm]
     net = build_network(plans_manager, configuration_manager, num_channels, num_channels, deep_supervision=False)
+    for layer in getattr(getattr(net, "decoder", None), "seg_layers", [])[:-1]:
+        layer.requires_grad_(False)  # deep-supervision outputs: unused in restoration (and never transferred)
     if not (hasattr(net, "encoder") and hasattr(net, "decoder") and hasattr(net.encoder, "stages")):
         raise SARError(f"{configuration_manager.network_arch_class_name} has no encoder/decoder with stages; SAR "
                        "needs a U-Net of dynamic_network_architectures (PlainConvUNet, ResidualEncoderUNet)")

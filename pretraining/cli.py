@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normalisation while pre-training: batch (paper 3.3) or the plans' instance norm [%(default)s]")
     p.add_argument("--seed", type=int, default=d.seed, help="[%(default)s]")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="[%(default)s]")
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="DDP processes on this node, as nnUNetv2_train's -num_gpus (with -device cpu: gloo processes); "
+                        "or start with torchrun [%(default)s]")
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="resume from checkpoint_latest.pth of this run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same output folder")
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
+    from nnunet_sar.pretraining.loop import PretrainSettings
     workers = args.num_workers
     if workers is None:
         workers = int(os.environ.get("nnUNet_n_proc_DA", 4 if args.device == "cuda" else 0))
@@ -103,12 +106,36 @@ def main(argv=None):
         adv_weight=args.adv_weight, lr_unet=args.lr_unet, lr_scale=args.lr_scale, lr_disc=args.lr_disc,
         plateau_patience=args.plateau_patience, num_workers=workers, cache_dir=args.cache_dir, norm=args.norm, seed=args.seed,
         device=args.device)
+    if args.num_gpus > 1:
+        import torch.multiprocessing as mp
+        from nnunetv2.run.run_training import find_free_network_port
+        os.environ.setdefault("MASTER_ADDR", "localhost")
+        os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
+        try:
+            mp.spawn(_run, args=(args.num_gpus, settings, args.continue_training, args.overwrite), nprocs=args.num_gpus)
+        except mp.ProcessExitedException:
+            sys.exit(1)  # the rank that failed has said why
+    else:
+        world = int(os.environ.get("WORLD_SIZE", 1))  # > 1 when started by torchrun
+        _run(int(os.environ.get("RANK", 0)), world, settings, args.continue_training, args.overwrite)
+
+
+def _run(rank: int, world_size: int, settings, continue_training: bool, overwrite: bool):
+    """One process of a (possibly distributed) pre-training run."""
+    import torch.distributed as dist
+    from nnunet_sar.pretraining.loop import SARPretrainer
     try:
+        if world_size > 1:
+            dist.init_process_group("nccl" if settings.device == "cuda" else "gloo", rank=rank, world_size=world_size)
         trainer = SARPretrainer(settings)
-        trainer.initialize(continue_training=args.continue_training, overwrite=args.overwrite)
+        trainer.initialize(continue_training=continue_training, overwrite=overwrite)
         trainer.run_training()
     except SARError as e:
-        sys.exit(f"nnunet_sar_pretrain: error: {e}")
+        print("nnunet_sar_pretrain: error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
+        sys.exit(2)
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ from time import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, save_json
 from torch.utils.data import DataLoader
 
 from nnunet_sar import SARError, __version__
-from nnunet_sar.checkpoint import atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder
+from nnunet_sar.checkpoint import atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder, unwrap
 from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
 from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions
 from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, MultiScaleCubes, check_patch_size,
@@ -88,6 +89,11 @@ class SARPretrainer:
                                                     settings.configuration)
         self.patch_size = list(settings.patch_size or self.configuration_manager.patch_size)
         self.batch_size = settings.batch_size or default_batch_size(self.configuration_manager, self.patch_size)
+        self.is_ddp = dist.is_available() and dist.is_initialized()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
+        if self.is_ddp and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+            torch.cuda.set_device(self.device)
         self.current_epoch = 0
         self.best_val_loss = None
         self.log_file = None
@@ -99,8 +105,17 @@ class SARPretrainer:
         s = self.s
         torch.manual_seed(s.seed), np.random.seed(s.seed), random.seed(s.seed)
         cache = s.cache_dir or join(os.environ.get("nnUNet_preprocessed", "."), "nnUNetSAR_sources")
-        volumes = preprocess_sources(s.sources, cache, num_processes=max(1, s.num_workers))
+        if self.rank == 0:
+            volumes = preprocess_sources(s.sources, cache, num_processes=max(1, s.num_workers))
+        self._barrier()  # the other ranks then only read the cache
+        if self.rank != 0:
+            volumes = preprocess_sources(s.sources, cache, num_processes=1, progress=False)
         self.train_volumes, self.val_volumes = split_train_val(volumes, s.val_fraction, s.seed)
+        self.total_train_volumes = len(self.train_volumes)
+        # DDP: every rank samples its own shard of the training volumes; validation is the same everywhere
+        self.train_volumes = self.train_volumes[self.rank::self.world_size]
+        if not self.train_volumes:
+            raise SARError(f"{self.total_train_volumes} training volumes cannot be shared by {self.world_size} ranks")
         self.modalities = sorted({v.modality for v in volumes})
         self.adversarial = self.variant.adversarial
         if s.norm == "batch" and self.batch_size < 8 and (self.variant.scale_loss or self.adversarial):
@@ -120,12 +135,18 @@ class SARPretrainer:
             raise SARError(f"patch size for {s.plans_identifier} / {s.configuration}: {e}") from None
         self.network = SARNetwork(unet, num_scales=3, num_modalities=len(self.modalities),
                                   scale_head=self.variant.scale_loss, discriminator=self.adversarial).to(self.device)
+        if self.is_ddp:
+            if self.device.type == "cuda":
+                self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.objective = SARObjective(s.alpha, s.beta)
-        groups = [{"params": self.network.unet.parameters(), "lr": s.lr_unet, "name": "unet"}]
-        if self.network.scale_head is not None:
-            groups.append({"params": self.network.scale_head.parameters(), "lr": s.lr_scale, "name": "scale_head"})
-        if self.network.discriminator is not None:
-            groups.append({"params": self.network.discriminator.parameters(), "lr": s.lr_disc, "name": "discriminator"})
+        net = self.sar_network
+        groups = [{"params": net.unet.parameters(), "lr": s.lr_unet, "name": "unet"}]
+        if net.scale_head is not None:
+            groups.append({"params": net.scale_head.parameters(), "lr": s.lr_scale, "name": "scale_head"})
+        if net.discriminator is not None:
+            groups.append({"params": net.discriminator.parameters(), "lr": s.lr_disc, "name": "discriminator"})
         self.optimizer = torch.optim.SGD(groups, momentum=s.momentum)
         self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=s.plateau_factor, patience=s.plateau_patience)
@@ -144,11 +165,14 @@ class SARPretrainer:
             f"{s.plans_identifier} / {s.configuration}: {len(self.train_volumes)} training and "
             f"{len(self.val_volumes)} validation volumes, modalities {self.modalities}, patch {self.patch_size}, "
             f"batch {self.batch_size}, {self.iterations_per_epoch} iterations per epoch, device {self.device}")
-        save_json(self.settings_dict(), join(self.output_folder, "settings.json"), sort_keys=False)
+        if self.rank == 0:
+            save_json(self.settings_dict(), join(self.output_folder, "settings.json"), sort_keys=False)
         if continue_training:
             self.load_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
 
     def _prepare_output_folder(self, continue_training: bool, overwrite: bool):
+        if self.rank != 0:
+            return
         latest = join(self.output_folder, "checkpoint_latest.pth")
         if continue_training:
             if not isfile(latest):
@@ -166,8 +190,19 @@ class SARPretrainer:
             raise SARError(f"cannot write to {self.output_folder}: {e.strerror}") from None
 
     @property
+    def sar_network(self) -> SARNetwork:
+        return unwrap(self.network)
+
+    @property
     def iterations_per_epoch(self) -> int:
-        return self.s.iters_per_epoch or max(1, len(self.train_cubes) // self.batch_size)
+        """The same on every rank (DDP needs that): all training cubes of an epoch / the global batch."""
+        per_volume = len(self.train_cubes) // len(self.train_volumes)
+        return self.s.iters_per_epoch or max(1, self.total_train_volumes * per_volume //
+                                             (self.batch_size * self.world_size))
+
+    def _barrier(self):
+        if self.is_ddp:
+            dist.barrier()
 
     def settings_dict(self) -> dict:
         return {**dataclasses.asdict(self.s), "dataset_name": self.dataset_name, "modalities": self.modalities,
@@ -177,6 +212,8 @@ class SARPretrainer:
                 "nnunet_sar_version": __version__}
 
     def print_to_log_file(self, *args):
+        if self.rank != 0:
+            return
         line = f"{datetime.now()}: " + " ".join(str(a) for a in args)
         print(line, flush=True)
         with open(self.log_file, "a") as f:
@@ -218,7 +255,12 @@ class SARPretrainer:
     def train_epoch(self) -> dict:
         self.network.train()
         results = [self._step(batch, train=True) for batch in self._loader()]
-        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+        means = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+        if self.is_ddp:  # the mean over all ranks, for the log
+            t = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            means = dict(zip(sorted(means), (t / self.world_size).tolist()))
+        return means
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -235,9 +277,10 @@ class SARPretrainer:
     def _check_finite(self, terms: dict, where: str):
         for k, v in terms.items():
             if not np.isfinite(v):
-                raise SARError(f"non-finite {where} loss term '{k}' = {v} in epoch {self.current_epoch}; the last good "
-                               f"checkpoint is {join(self.output_folder, 'checkpoint_latest.pth')} (try lower "
-                               f"learning rates, e.g. --lr-unet 0.1)")
+                latest = join(self.output_folder, "checkpoint_latest.pth")
+                kept = f"the last good checkpoint {latest} is kept" if isfile(latest) else "no epoch finished yet"
+                raise SARError(f"non-finite {where} loss term '{k}' = {v} in epoch {self.current_epoch + 1}; {kept} "
+                               f"(try lower learning rates, e.g. --lr-unet 0.1)")
 
     # ------------------------------------------------------------------ the run
     def run_training(self):
@@ -249,8 +292,20 @@ class SARPretrainer:
             self._check_finite(val, "validation")
             self.lr_scheduler.step(val["scheduled"])
             self.on_epoch_end(start, train, val)
+        if self.is_ddp:
+            self._check_ranks_agree()
         self.save_checkpoint(join(self.output_folder, "checkpoint_final.pth"))
         self.print_to_log_file(f"done: {join(self.output_folder, 'checkpoint_final.pth')}")
+
+    def _check_ranks_agree(self):
+        """DDP keeps the weights identical on every rank; verified once at the end, and logged."""
+        flat = torch.cat([p.detach().double().flatten() for p in self.sar_network.parameters()])
+        summary = torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()])
+        gathered = [torch.zeros_like(summary) for _ in range(self.world_size)]
+        dist.all_gather(gathered, summary)
+        if not all(torch.equal(g, gathered[0]) for g in gathered):
+            raise SARError(f"weights differ between DDP ranks: {[g.tolist() for g in gathered]}")
+        self.print_to_log_file(f"weights identical on all {self.world_size} ranks")
 
     def on_epoch_end(self, start: float, train: dict, val: dict):
         e, log = self.current_epoch, self.logger
@@ -269,7 +324,8 @@ class SARPretrainer:
             parts.append(f"adv {train['adv']:.3f}/{val['adv']:.3f} (M acc {val['adv_acc']:.2f})")
         self.print_to_log_file(f"epoch {e + 1}/{self.s.epochs} train/val: " + ", ".join(parts) +
                                f"; lr {self.optimizer.param_groups[0]['lr']:.3g}; {time() - start:.1f} s")
-        log.plot_progress_png(self.output_folder)
+        if self.rank == 0:
+            log.plot_progress_png(self.output_folder)
         self.current_epoch += 1
         if self.best_val_loss is None or val["scheduled"] < self.best_val_loss:
             self.best_val_loss = val["scheduled"]
@@ -278,10 +334,12 @@ class SARPretrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, fname: str):
-        heads = {name: cpu_state_dict(m) for name, m in (("scale_head", self.network.scale_head),
-                                                          ("discriminator", self.network.discriminator))
-                 if m is not None}
-        unet = cpu_state_dict(self.network.unet)
+        if self.rank != 0:
+            return
+        net = self.sar_network
+        heads = {name: cpu_state_dict(m) for name, m in (("scale_head", net.scale_head),
+                                                          ("discriminator", net.discriminator)) if m is not None}
+        unet = cpu_state_dict(net.unet)
         weights = nnunet_weights(unet)
         atomic_save({
             "network_weights": weights,  # exactly nnU-Net's keys: the -pretrained_weights format
@@ -301,10 +359,11 @@ class SARPretrainer:
 
     def load_checkpoint(self, fname: str):
         ckpt = load_checkpoint_file(fname)
-        self.network.unet.load_state_dict({**ckpt["network_weights"], **ckpt.get("norm_statistics", {})})
+        net = self.sar_network
+        net.unet.load_state_dict({**ckpt["network_weights"], **ckpt.get("norm_statistics", {})})
         for name in ("scale_head", "discriminator"):
-            if getattr(self.network, name) is not None:
-                getattr(self.network, name).load_state_dict(ckpt[name])
+            if getattr(net, name) is not None:
+                getattr(net, name).load_state_dict(ckpt[name])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler_state"])
         if self.grad_scaler is not None and ckpt.get("grad_scaler_state"):

@@ -80,6 +80,11 @@ class SourceError(SARError, ValueError):
     """A source, file, key or value that cannot be used; the message names it."""
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's text on one line: readers (SimpleITK) and nnU-Net put newlines into theirs."""
+    return " ".join(str(e).split())
+
+
 # --------------------------------------------------------------------------------------------- listing
 def _io_classes():
     from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
@@ -155,7 +160,8 @@ def _resolve_raw_dataset(src: str) -> str | None:
     try:
         name = maybe_convert_to_dataset_name(src)
     except (RuntimeError, ValueError) as e:
-        raise SourceError(f"source {src!r}: no such nnU-Net raw dataset under nnUNet_raw={raw} ({e})") from None
+        raise SourceError(f"source {src!r}: no such nnU-Net raw dataset under nnUNet_raw={raw} "
+                          f"({_one_line(e)})") from None
     folder = os.path.join(raw, name)
     if not os.path.isdir(folder):
         raise SourceError(f"source {src!r}: raw dataset folder {folder} does not exist (nnUNet_raw={raw})")
@@ -174,7 +180,7 @@ def _list_raw_dataset(folder: str, override: str | None) -> list[tuple[str, str,
         with open(djfile) as f:
             dj = json.load(f)
     except (OSError, ValueError) as e:
-        raise SourceError(f"cannot read {djfile}: {e}") from None
+        raise SourceError(f"cannot read {djfile}: {_one_line(e)}") from None
     channel_names = dj.get("channel_names", dj.get("modality"))
     if not isinstance(channel_names, dict) or not channel_names:
         raise SourceError(f"{djfile}: key 'channel_names' missing or empty")
@@ -281,7 +287,7 @@ def _read_volume(image_file: str) -> tuple[np.ndarray, list]:
                 rw = Tiff3DIO
         data, props = rw().read_images((image_file,))
     except Exception as e:  # noqa: BLE001 - readers raise anything from AssertionError to RuntimeError
-        raise SourceError(f"cannot read {image_file} as a 3D image: {type(e).__name__}: {e}") from None
+        raise SourceError(f"cannot read {image_file} as a 3D image: {type(e).__name__}: {_one_line(e)}") from None
     data = np.asarray(data)
     if data.ndim != 4 or data.shape[0] != 1 or min(data.shape[1:]) < 2:
         raise SourceError(
@@ -326,6 +332,8 @@ def _atomic_write_bytes(path: str, writer) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # full disk, read-only folder, a file where a folder should be
+        raise SourceError(f"cannot write {path}: {e.strerror or _one_line(e)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -344,6 +352,13 @@ def _build_job(job: dict) -> tuple[str, str, list[int], list[str]]:
     data, msgs = preprocess_volume(job["image_file"], job["modality"], job["spacing"], job["clip"])
     _save_npy_atomic(job["npy"], data.astype(job["dtype"]))
     return job["source"], job["key"], [int(s) for s in data.shape], msgs
+
+
+def _makedirs(folder: str, what: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SourceError(f"cannot create the {what} {folder}: {e.strerror or _one_line(e)}") from None
 
 
 def _load_manifest(path: str) -> dict:
@@ -400,17 +415,21 @@ def preprocess_sources(specs: Iterable[str], cache_dir: str, num_processes: int 
         names[name] = spec
         items.extend(listed)
 
-    os.makedirs(cache_dir, exist_ok=True)
+    _makedirs(cache_dir, "cache folder (--cache-dir, default $nnUNet_preprocessed/nnUNetSAR_sources)")
     manifests: dict[str, dict] = {}
     volumes, jobs = [], []
     for image_file, source, case, channel, modality in items:
         sdir = os.path.join(cache_dir, source)
         if source not in manifests:
-            os.makedirs(sdir, exist_ok=True)
+            _makedirs(sdir, f"cache folder of source {source}")
             manifests[source] = _load_manifest(os.path.join(sdir, MANIFEST_NAME))
         key = f"{case}_{channel:04d}.npy"
         npy = os.path.abspath(os.path.join(sdir, key))
-        st = os.stat(image_file)
+        try:
+            st = os.stat(image_file)
+        except OSError as e:
+            raise SourceError(f"source {source}: image file {image_file} (case {case!r}, channel {channel}) cannot "
+                              f"be read: {e.strerror}") from None
         settings = {
             "format": CACHE_FORMAT,
             "spacing": spacing,

@@ -62,5 +62,17 @@ def pretrained(planned_target):
     return pretrain_output_folder(TARGET, "sar", "nnUNetPlans", "3d_fullres")
 
 
+@pytest.fixture(scope="session")
+def tiny_plans(planned_target):
+    """nnU-Net's plans for the target with 8..64 features per stage: a tiny network for CPU learning tests."""
+    import json
+    folder = join(os.environ["nnUNet_preprocessed"], TARGET)
+    plans = json.load(open(join(folder, "nnUNetPlans.json")))
+    plans["plans_name"] = "nnUNetPlansTiny"
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64]
+    json.dump(plans, open(join(folder, "nnUNetPlansTiny.json"), "w"))
+    return "nnUNetPlansTiny"
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ROOT, ignore_errors=True)

@@ -28,7 +28,7 @@ def test_nnunet_lookup_finds_the_trainers():
 
 @pytest.mark.parametrize("planner,plans", [(None, "nnUNetPlans"), ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans")])
 def test_network_equals_the_one_nnunet_trainer_builds(planned_target, planner, plans):
-    from nnunet_sar.network import build_pretraining_network, build_target_network, load_plans
+    from nnunet_sar.network import build_pretraining_network, build_target_network, load_plans, nnunet_weights
     if planner:
         run([exe("nnUNetv2_plan_experiment"), "-d", str(TARGET_ID), "-pl", planner], env=PLANNING_ENV)
     trainer = _trainer("nnUNetTrainer", plans)
@@ -39,11 +39,15 @@ def test_network_equals_the_one_nnunet_trainer_builds(planned_target, planner, p
     assert _shapes(ours) == _shapes(trainer.network)
     expected_class = "ResidualEncoderUNet" if planner else "PlainConvUNet"
     assert type(ours).__name__ == expected_class
-    pre = _shapes(build_pretraining_network(pm, cm, 1))
-    assert pre.keys() == _shapes(ours).keys()
-    differ = {k for k in pre if pre[k] != _shapes(ours)[k]}
-    assert differ and all(".seg_layers." in k for k in differ)  # restoration: 1 output instead of 2 classes
-    assert pre["decoder.seg_layers.0.weight"][0] == 1
+    for norm in ("batch", "instance"):  # batch norm for pre-training (paper 3.3), instance norm as the plans say
+        pre = _shapes(build_pretraining_network(pm, cm, 1, norm=norm))
+        pre = nnunet_weights(pre) if norm == "batch" else pre
+        assert pre.keys() == _shapes(ours).keys()
+        differ = {k for k in pre if pre[k] != _shapes(ours)[k]}
+        assert differ and all(".seg_layers." in k for k in differ)  # restoration: 1 output instead of 2 classes
+        assert pre["decoder.seg_layers.0.weight"][0] == 1
+    norms = {type(m).__name__ for m in build_pretraining_network(pm, cm, 1).modules()}
+    assert "BatchNorm3d" in norms and "InstanceNorm3d" not in norms
 
 
 def test_missing_plans_names_the_nnunet_command():

@@ -150,7 +150,7 @@ def test_nnunet_plan_and_preprocess(tmp_path):
     raw, pre, res = (str(tmp_path / d) for d in ("raw", "preprocessed", "results"))
     write_phantom_dataset(raw, 994, "PhantE2E", "MRI", num_training=5, shape=(32, 32, 32), seed=1)
     env = dict(os.environ, nnUNet_raw=raw, nnUNet_preprocessed=pre, nnUNet_results=res,
-               OMP_NUM_THREADS="2", nnUNet_def_n_proc="1")
+               OMP_NUM_THREADS="2", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1")
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_plan_and_preprocess")
     proc = subprocess.run([exe, "-d", "994", "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "1"],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,4 @@
 """The SAR method in the loop: heads, the min-max mechanism, variants, learning on phantoms, resume."""
-import json
 import os
 import warnings
 from os.path import isfile, join
@@ -7,17 +6,6 @@ from os.path import isfile, join
 import pytest
 import torch
 from conftest import SOURCE_IDS, TARGET
-
-
-@pytest.fixture(scope="module")
-def tiny_plans(planned_target):
-    """nnU-Net's plans for the target with 8..64 features per stage: a tiny network for CPU learning tests."""
-    folder = join(os.environ["nnUNet_preprocessed"], TARGET)
-    plans = json.load(open(join(folder, "nnUNetPlans.json")))
-    plans["plans_name"] = "nnUNetPlansTiny"
-    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64]
-    json.dump(plans, open(join(folder, "nnUNetPlansTiny.json"), "w"))
-    return "nnUNetPlansTiny"
 
 
 def _trainer(tiny_plans, results, **kw):

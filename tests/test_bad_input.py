@@ -1,0 +1,416 @@
+"""Faults and bad input: kill -9 and --continue through the real console script, atomic checkpoints,
+non-finite losses, and every kind of bad input ending in ONE line ``nnunet_sar_pretrain: error: ...``
+that names the file, key or value (no traceback), before any training."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from os.path import isfile, join
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import SOURCE_IDS, TARGET, TARGET_ID, exe
+
+PREFIX = "nnunet_sar_pretrain: error: "
+RUN_DIR = "nnUNetSARPretrain_sar__nnUNetPlansTiny__3d_fullres"
+# a tiny network and 16^3 cubes (the tiny plans' total stride is 8): seconds per epoch on 2 CPU cores
+FAST = ["-p", "nnUNetPlansTiny", "--patch-size", "16", "16", "16", "--batch-size", "4", "-device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_plans(planned_target):
+    """The target's plans with 8..64 features per stage (as tests/test_pretraining.py)."""
+    folder = join(os.environ["nnUNet_preprocessed"], TARGET)
+    plans = json.load(open(join(folder, "nnUNetPlans.json")))
+    plans["plans_name"] = "nnUNetPlansTiny"
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64]
+    json.dump(plans, open(join(folder, "nnUNetPlansTiny.json"), "w"))
+    return "nnUNetPlansTiny"
+
+
+def _env(results, **extra) -> dict:
+    return {**os.environ, "nnUNet_results": str(results), **{k: str(v) for k, v in extra.items()}}
+
+
+def _pretrain_cmd(*args) -> list:
+    return [exe("nnunet_sar_pretrain"), "-d", str(TARGET_ID), *FAST, *args]
+
+
+def _run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status != 0, no traceback, and the error is the last line of stderr, one line naming `needles`."""
+    err = done.stderr
+    assert done.returncode != 0, f"exited 0\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-4000:]
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(PREFIX)]
+    assert len(errors) == 1 and lines[-1] == errors[0], err[-4000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def write_image(path, arr, spacing=(1.0, 1.0, 1.0)):
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    img = sitk.GetImageFromArray(np.asarray(arr))
+    img.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    sitk.WriteImage(img, str(path))
+    return str(path)
+
+
+def _mri(shape=(20, 20, 20), seed=0):
+    return np.random.default_rng(seed).uniform(0, 800, shape).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- 1. kill -9 and --continue
+def _latest_epoch(folder):
+    from nnunet_sar.checkpoint import load_checkpoint_file
+    return load_checkpoint_file(join(folder, "checkpoint_latest.pth"))["current_epoch"]
+
+
+def test_kill_9_then_continue_ends_with_the_weights_of_an_uninterrupted_run(tiny_plans, tmp_path):
+    from nnunet_sar.checkpoint import load_checkpoint_file
+    cmd = _pretrain_cmd("--sources", *map(str, SOURCE_IDS), "--epochs", "3", "--iters-per-epoch", "2")
+    a, b = tmp_path / "straight", tmp_path / "killed"
+    run_b = join(b, TARGET, RUN_DIR)
+    straight_log = open(tmp_path / "straight.log", "w+")
+    straight = subprocess.Popen(cmd, env=_env(a), stdout=subprocess.DEVNULL, stderr=straight_log)
+    killed = subprocess.Popen(cmd, env=_env(b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not isfile(join(run_b, "checkpoint_latest.pth")):
+            assert killed.poll() is None, "the run ended before it wrote checkpoint_latest.pth"
+            assert time.time() < deadline, "no checkpoint_latest.pth after 240 s"
+            time.sleep(0.05)
+        os.kill(killed.pid, signal.SIGKILL)  # kill -9: no handler, no finally, no atexit
+        assert killed.wait(60) == -signal.SIGKILL
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert not isfile(join(run_b, "checkpoint_final.pth"))
+    epoch = _latest_epoch(run_b)  # the killed run's checkpoint loads
+    assert 1 <= epoch < 3
+    ckpt = load_checkpoint_file(join(run_b, "checkpoint_latest.pth"))
+    assert {"network_weights", "scale_head", "discriminator", "optimizer_state", "lr_scheduler_state",
+            "rng_states"} <= set(ckpt)
+
+    resumed = _run(cmd + ["--continue"], _env(b))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"at epoch {epoch}" in resumed.stdout  # "resumed from ... at epoch N"
+    assert straight.wait(300) == 0, open(tmp_path / "straight.log").read()[-4000:]
+    final_a = torch.load(join(a, TARGET, RUN_DIR, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    final_b = torch.load(join(run_b, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    for part in ("network_weights", "norm_statistics", "scale_head", "discriminator"):
+        assert final_a[part].keys() == final_b[part].keys(), part
+        for k in final_a[part]:
+            assert torch.equal(final_a[part][k], final_b[part][k]), (part, k)
+    assert final_a["current_epoch"] == final_b["current_epoch"] == 3
+    assert final_a["lr_scheduler_state"] == final_b["lr_scheduler_state"]
+    assert [g["lr"] for g in final_a["optimizer_state"]["param_groups"]] == \
+           [g["lr"] for g in final_b["optimizer_state"]["param_groups"]]
+
+
+# --------------------------------------------------------------------------- 2. atomic checkpoints
+def _no_temp_files(folder) -> bool:
+    return not [f for f in os.listdir(folder) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), RuntimeError("killed mid-way")])
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    from nnunet_sar import SARError
+    from nnunet_sar.checkpoint import atomic_save, load_checkpoint_file
+    fname = str(tmp_path / "checkpoint_latest.pth")
+    atomic_save({"network_weights": {"w": torch.arange(1000.0)}, "current_epoch": 1}, fname)
+    before = open(fname, "rb").read()
+    real_save = torch.save
+
+    def partial_save(obj, f, *args, **kwargs):  # writes half a checkpoint, then dies
+        real_save(obj, f, *args, **kwargs)
+        if hasattr(f, "truncate"):
+            f.truncate(100)
+        raise failure
+
+    monkeypatch.setattr(torch, "save", partial_save)
+    expected = SARError if isinstance(failure, OSError) else RuntimeError
+    with pytest.raises(expected) as e:
+        atomic_save({"network_weights": {"w": torch.zeros(1000)}, "current_epoch": 2}, fname)
+    if expected is SARError:
+        assert fname in str(e.value) and "No space left" in str(e.value)
+    assert open(fname, "rb").read() == before
+    assert load_checkpoint_file(fname)["current_epoch"] == 1
+    assert _no_temp_files(tmp_path)
+
+
+def test_kill_9_during_save_never_leaves_a_broken_checkpoint(tmp_path):
+    """A process that saves a 40 MB checkpoint over and over, killed at 3 moments: the file always loads."""
+    from nnunet_sar.checkpoint import load_checkpoint_file
+    fname = str(tmp_path / "checkpoint_latest.pth")
+    script = textwrap.dedent(f"""
+        import torch
+        from nnunet_sar.checkpoint import atomic_save
+        i = 0
+        while True:
+            atomic_save({{"network_weights": {{"w": torch.full((10_000_000,), float(i))}}, "i": i}}, {fname!r})
+            if i == 0:
+                print("ready", flush=True)
+            i += 1
+    """)
+    for delay in (0.0, 0.11, 0.37):
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "ready"
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        ckpt = load_checkpoint_file(fname)
+        w = ckpt["network_weights"]["w"]
+        assert w.shape == (10_000_000,) and bool((w == ckpt["i"]).all())
+
+
+def test_truncated_checkpoint_is_one_line_error(tmp_path):
+    from nnunet_sar import SARError
+    from nnunet_sar.checkpoint import atomic_save, load_checkpoint_file
+    fname = str(tmp_path / "checkpoint_final.pth")
+    atomic_save({"network_weights": {"w": torch.ones(10000)}}, fname)
+    with open(fname, "r+b") as f:
+        f.truncate(os.path.getsize(fname) // 2)
+    with pytest.raises(SARError) as e:
+        load_checkpoint_file(fname)
+    assert fname in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- 4. non-finite losses
+def test_non_finite_loss_from_the_start_names_epoch_and_term(tiny_plans, tmp_path):
+    done = _run(_pretrain_cmd("--sources", *map(str, SOURCE_IDS), "--epochs", "2", "--iters-per-epoch", "1",
+                              "--beta", "nan"), _env(tmp_path))
+    line = assert_one_line_error(done, "non-finite", "in epoch 1", "loss term '")
+    folder = join(tmp_path, TARGET, RUN_DIR)
+    assert not isfile(join(folder, "checkpoint_latest.pth"))
+    assert "checkpoint_latest.pth" not in line  # no claim of a checkpoint that does not exist
+
+
+def test_non_finite_loss_later_keeps_the_last_good_checkpoint(tiny_plans, tmp_path, monkeypatch):
+    """Epoch 1 is fine, epoch 2 diverges: the error names epoch 2 and the term, checkpoint_latest.pth of
+    epoch 1 stays byte for byte and loads."""
+    from nnunet_sar import SARError
+    from nnunet_sar.checkpoint import load_checkpoint_file
+    from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    t = SARPretrainer(PretrainSettings(dataset=TARGET, sources=[str(i) for i in SOURCE_IDS],
+                                       plans_identifier=tiny_plans, device="cpu", batch_size=4,
+                                       patch_size=[16, 16, 16], epochs=3, iters_per_epoch=1))
+    t.initialize()
+    latest = join(t.output_folder, "checkpoint_latest.pth")
+    end_of_epoch, snapshot = t.on_epoch_end, {}
+
+    def diverge_after_epoch_1(*args):
+        end_of_epoch(*args)
+        snapshot["bytes"] = open(latest, "rb").read()
+        t.objective.beta = float("inf")  # L_res weighted by inf: non-finite from now on
+
+    monkeypatch.setattr(t, "on_epoch_end", diverge_after_epoch_1)
+    with pytest.raises(SARError) as e:
+        t.run_training()
+    msg = str(e.value)
+    assert "in epoch 2" in msg and "loss term '" in msg and latest in msg and "\n" not in msg
+    assert open(latest, "rb").read() == snapshot["bytes"]
+    assert load_checkpoint_file(latest)["current_epoch"] == 1
+    assert not isfile(join(t.output_folder, "checkpoint_final.pth"))
+
+
+# --------------------------------------------------------------------------- 5. bad input through the CLI
+def _bad_inputs(root) -> dict:
+    """name -> (extra CLI args, extra env, substrings the error line must contain)."""
+    cases = {}
+
+    def folder_case(name, files, needles, modality="MRI", **kw):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for fname, arr in files.items():
+            write_image(folder / fname, arr, **kw)
+        cases[name] = (["--sources", str(SOURCE_IDS[0]), f"{folder}:{modality}"], {}, needles(folder))
+
+    # an nnU-Net raw dataset whose dataset.json lists an image file that is not there
+    raw = root / "Dataset901_Missing"
+    write_image(raw / "imagesTr" / "a_0000.nii.gz", _mri())
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "x": 1}, "numTraining": 2, "file_ending": ".nii.gz",
+        "dataset": {"a": {"images": ["imagesTr/a_0000.nii.gz"], "label": "labelsTr/a.nii.gz"},
+                    "b": {"images": ["imagesTr/gone_0000.nii.gz"], "label": "labelsTr/b.nii.gz"}}}))
+    cases["missing_file"] = (["--sources", str(SOURCE_IDS[0]), str(raw)], {},
+                             [str(raw / "imagesTr" / "gone_0000.nii.gz"), "No such file"])
+    bad_json = root / "Dataset902_BadJson"
+    write_image(bad_json / "imagesTr" / "a_0000.nii.gz", _mri())
+    (bad_json / "dataset.json").write_text('{"channel_names": ')
+    cases["corrupt_dataset_json"] = (["--sources", str(bad_json)], {}, [str(bad_json / "dataset.json")])
+
+    corrupt = root / "corrupt"
+    write_image(corrupt / "ok.nii.gz", _mri())
+    write_image(corrupt / "broken.nii.gz", _mri())
+    with open(corrupt / "broken.nii.gz", "r+b") as f:
+        f.truncate(60)  # a cut-off gzip stream
+    cases["corrupt_file"] = (["--sources", f"{corrupt}:MRI"], {}, [str(corrupt / "broken.nii.gz"), "cannot read"])
+    folder_case("two_d", {"x.nii.gz": _mri((20, 20))}, lambda f: [str(f / "x.nii.gz"), "3D", "(1, 1, 20, 20)"])
+    folder_case("four_d", {"x.nii.gz": _mri((2, 20, 20, 20))}, lambda f: [str(f / "x.nii.gz"), "3D"])
+    nan, inf = _mri(), _mri()
+    nan[3, 4, 5] = np.nan
+    inf[5, 4, 3], inf[6, 4, 3] = np.inf, -np.inf
+    folder_case("nan", {"x.nrrd": nan}, lambda f: [str(f / "x.nrrd"), "1 non-finite"])  # .nrrd: NIfTI zeroes NaN
+    folder_case("inf", {"x.nrrd": inf}, lambda f: [str(f / "x.nrrd"), "2 non-finite"])
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no images here")
+    cases["empty_source"] = (["--sources", str(SOURCE_IDS[0]), f"{root / 'empty'}:CT"], {},
+                             [f"{root / 'empty'}:CT", "no images"])
+    cases["unknown_modality"] = (["--sources", f"{SOURCE_IDS[0]}:PET"], {}, ["'PET'", f"'{SOURCE_IDS[0]}:PET'"])
+    cases["unknown_dataset"] = (["--sources", "987"], {}, ["'987'"])
+    cases["patch_not_divisible"] = (["--sources", *map(str, SOURCE_IDS), "--patch-size", "20", "16", "16"], {},
+                                    ["(20, 16, 16)", "(8, 8, 8)", "nnUNetPlansTiny"])
+    a_file = root / "a_file.txt"
+    a_file.write_text("a regular file, not a folder")
+    cases["results_under_a_file"] = (["--sources", *map(str, SOURCE_IDS)],
+                                     {"nnUNet_results": a_file / "results"}, [str(a_file / "results")])
+    cases["cache_under_a_file"] = (["--sources", *map(str, SOURCE_IDS), "--cache-dir", str(a_file / "cache")], {},
+                                   [str(a_file / "cache")])
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_plans, tmp_path_factory):
+    """All bad-input runs of the console script, three at a time (each fails before training)."""
+    root = tmp_path_factory.mktemp("bad_input")
+    cases = _bad_inputs(root)
+
+    def one(name):
+        args, env, _ = cases[name]
+        results = root / "results" / name
+        return _run(_pretrain_cmd("--epochs", "1", "--iters-per-epoch", "1", *args),
+                    _env(results, **{"nnUNet_results": results, **env}), timeout=240)
+
+    with ThreadPoolExecutor(3) as pool:
+        done = dict(zip(cases, pool.map(one, cases)))
+    return {name: (done[name], cases[name][2], root / "results" / name) for name in cases}
+
+
+BAD_INPUTS = ["missing_file", "corrupt_dataset_json", "corrupt_file", "two_d", "four_d", "nan", "inf", "empty_source",
+              "unknown_modality", "unknown_dataset", "patch_not_divisible", "results_under_a_file",
+              "cache_under_a_file"]
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_error_before_training(bad_input_runs, name):
+    done, needles, results = bad_input_runs[name]
+    assert_one_line_error(done, *needles)
+    assert "epoch 1/1" not in done.stdout  # failed before any training
+    if os.path.isdir(results):
+        assert not [f for _, _, fs in os.walk(results) for f in fs if f.endswith(".pth")]
+
+
+def test_volume_smaller_than_the_crop_is_padded_with_a_warning(tiny_plans, tmp_path):
+    small = tmp_path / "small"
+    for i in range(2):  # (3, 5, 4) voxels of 1 mm: smaller than every crop of 16^3 cubes
+        write_image(small / f"s{i}.nii.gz", _mri((3, 5, 4), seed=i))
+    done = _run(_pretrain_cmd("--sources", str(SOURCE_IDS[0]), f"{small}:MRI", "--epochs", "1",
+                              "--iters-per-epoch", "1"), _env(tmp_path / "results"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "padded with zeros" in done.stderr and "small" in done.stderr
+    assert isfile(join(tmp_path / "results", TARGET, RUN_DIR, "checkpoint_final.pth"))
+
+
+# --------------------------------------------------------------------------- 5. checkpoints that do not fit
+def _sar_trainer(configuration="3d_fullres"):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    return get_trainer_from_args(TARGET, configuration, 0, "nnUNetTrainerSAR", "nnUNetPlans",
+                                 device=torch.device("cpu"))
+
+
+def _checkpoint_for(tiny_plans, plans, configuration, fname):
+    """A SAR-format checkpoint of the network of other plans / another configuration."""
+    from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
+    pm, cm, _ = load_plans(TARGET, plans, configuration)
+    net = build_pretraining_network(pm, cm, num_channels=1)
+    torch.save({"network_weights": nnunet_weights(net.state_dict()),
+                "settings": {"dataset_name": TARGET, "plans_identifier": plans, "configuration": configuration}},
+               fname)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("plans,configuration", [("nnUNetPlansTiny", "3d_fullres"), ("nnUNetPlans", "2d")])
+def test_checkpoint_of_other_plans_or_configuration_names_keys_and_shapes(tiny_plans, tmp_path, monkeypatch,
+                                                                       plans, configuration):
+    from nnunet_sar import SARError
+    from nnunet_sar.checkpoint import CHECKPOINT_ENV
+    bad = str(tmp_path / "other.pth")
+    shapes = _checkpoint_for(tiny_plans, plans, configuration, bad)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv(CHECKPOINT_ENV, bad)
+    trainer = _sar_trainer()
+    with pytest.raises(SARError) as e:
+        trainer.initialize()
+    msg = str(e.value)
+    assert bad in msg and f"made for {TARGET} / {plans} / {configuration}" in msg and "\n" not in msg
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    ours = tuple(trainer.network.state_dict()[key].shape)
+    assert f"shape {key}: checkpoint {shapes[key]} vs network {ours}" in msg
+
+
+def test_checkpoint_saved_on_a_gpu_opens_on_the_cpu(pretrained, tmp_path, monkeypatch):
+    """torch.save records each storage's device; a file written on a GPU ("cuda:0") cannot be opened
+    without map_location on a CPU-only machine. We write such a file by making torch.save tag every
+    storage "cuda:0", then open it the ways the package does."""
+    import torch.serialization
+    from nnunet_sar.checkpoint import CHECKPOINT_ENV, load_checkpoint_file, load_pretrained_into
+    from nnunet_sar.network import build_target_network, load_plans
+    ckpt = torch.load(join(pretrained, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    gpu = str(tmp_path / "gpu.pth")
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(ckpt, gpu)
+    if not torch.cuda.is_available():  # the file really is a "GPU" file: a plain load fails here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(gpu, weights_only=False)
+    loaded = load_checkpoint_file(gpu)
+    assert all(v.device.type == "cpu" for v in loaded["network_weights"].values())
+    net = build_target_network(*load_plans(TARGET))
+    assert load_pretrained_into(net, gpu) > 50
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv(CHECKPOINT_ENV, gpu)
+    trainer = _sar_trainer()
+    trainer.initialize()  # nnUNetTrainerSAR through nnUNet_SAR_checkpoint
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    assert torch.equal(trainer.network.state_dict()[key], ckpt["network_weights"][key])
+
+
+def test_continue_from_a_gpu_checkpoint_on_the_cpu(tiny_plans, tmp_path, monkeypatch):
+    """--continue reads checkpoint_latest.pth with map_location='cpu' as well."""
+    from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
+    import torch.serialization
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    kw = dict(dataset=TARGET, sources=[str(i) for i in SOURCE_IDS], plans_identifier=tiny_plans, device="cpu",
+              batch_size=4, patch_size=[16, 16, 16], iters_per_epoch=1)
+    t = SARPretrainer(PretrainSettings(epochs=1, **kw))
+    t.initialize()
+    t.run_training()
+    latest = join(t.output_folder, "checkpoint_latest.pth")
+    ckpt = torch.load(latest, map_location="cpu", weights_only=False)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(ckpt, latest)
+    resumed = SARPretrainer(PretrainSettings(epochs=2, **kw))
+    resumed.initialize(continue_training=True)
+    assert resumed.current_epoch == 1
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    assert torch.equal(resumed.sar_network.unet.state_dict()[key] if hasattr(resumed, "sar_network")
+                       else resumed.network.unet.state_dict()[key], ckpt["network_weights"][key])

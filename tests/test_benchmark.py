@@ -1,0 +1,51 @@
+"""nnunet_sar_benchmark at toy sizes: both pipelines make valid cubes, the summary line has the agreed
+format, the memory helper measures something. No timing thresholds (machines and load differ)."""
+import re
+
+import numpy as np
+import torch
+
+from nnunet_sar import benchmark
+
+TOY_PATCH = (32, 32, 16)  # Models Genesis' reference code needs sides >= 16 (its boxes keep 3 voxels off the faces)
+
+
+def test_reference_and_ours_make_cubes_in_unit_range(tmp_path):
+    volumes = benchmark.write_volumes(str(tmp_path), 2, shape=(40, 40, 36))
+    ds = benchmark.our_cubes(volumes, TOY_PATCH)
+    for i in range(6):
+        item = ds[i]
+        for key in ("image", "target"):
+            assert tuple(item[key].shape) == (1, *TOY_PATCH) and item[key].dtype == torch.float32
+            assert 0.0 <= float(item[key].min()) and float(item[key].max()) <= 1.0
+    pairs = list(benchmark.reference_cubes(volumes, TOY_PATCH, 6))
+    assert len(pairs) == 6
+    for x, y in pairs:
+        for a in (x, y):
+            assert a.shape == (1, *TOY_PATCH) and a.dtype == np.float32
+            assert 0.0 <= a.min() and a.max() <= 1.0
+    assert any(not np.array_equal(x, y) for x, y in pairs)  # the reference corrupts
+
+    ours, ref = benchmark.throughput(volumes, TOY_PATCH, n_ours=3, n_ref=1, rounds=1)
+    assert ours > 0 and ref > 0
+
+
+def test_reference_corruptions_each_keep_shape_and_range():
+    ref = benchmark.ReferenceGenesis(seed=3, local_rate=1.0, nonlinear_rate=1.0)
+    cube = np.random.RandomState(0).rand(1, *TOY_PATCH).astype(np.float32)
+    shuffled = ref.local_pixel_shuffling(cube)
+    assert shuffled.shape == cube.shape and not np.array_equal(shuffled, cube)
+    for out in (ref.nonlinear_transformation(cube), ref.in_painting(cube), ref.out_painting(cube)):
+        assert out.shape == cube.shape and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_summary_line_format():
+    line = benchmark.summary_line(12.345, 9.96)
+    assert line == "speedup 64x64x32: 12.3x 128^3: 10.0x"
+    assert re.fullmatch(r"speedup 64x64x32: \d+\.\dx 128\^3: \d+\.\dx", line)
+
+
+def test_peak_rss_helper_is_positive(tmp_path):
+    benchmark.write_volumes(str(tmp_path), 3, shape=(24, 24, 24))
+    assert benchmark.peak_rss_mb(str(tmp_path), 3, patch=TOY_PATCH) > 0
+    assert benchmark.vm_hwm_mb() > 0
