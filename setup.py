@@ -34,6 +34,7 @@ setup(
         "acvl-utils>=0.2",
         "matplotlib>=3.5",
         "tqdm>=4.60",
+        "scipy>=1.7",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={
@@ -41,6 +42,10 @@ setup(
             "nnunet_sar_pretrain=nnunet_sar.pretraining.cli:main",
             "nnunet_sar_demo=nnunet_sar.demo:main",
             "nnunet_sar_benchmark=nnunet_sar.benchmark:main",
+            "nnunet_sar_convert_brats2018=nnunet_sar.datasets:main_convert_brats2018",
+            "nnunet_sar_convert_source=nnunet_sar.datasets:main_convert_source",
+            "nnunet_sar_split=nnunet_sar.datasets:main_split",
+            "nnunet_sar_report=nnunet_sar.report:main",
         ]
     },
 )

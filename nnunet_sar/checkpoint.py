@@ -56,6 +56,7 @@ def atomic_save(obj, fname: str) -> None:
     (or a full disk, or a power cut) at any moment leaves either the previous complete file or the new one.
     A failed save removes its temporary file and raises SARError naming `fname`; the previous file stays."""
     tmp = f"{fname}.tmp{os.getpid()}"
+    _remove_stale_temp_files(fname)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -68,6 +69,31 @@ def atomic_save(obj, fname: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _remove_stale_temp_files(fname: str) -> None:
+    """Temporary files of `fname` left by a process killed while saving (kill -9, OOM killer): removed
+    once that process is gone, so that they do not pile up in the output folder."""
+    folder, base = os.path.split(os.path.abspath(fname))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(base) + 4:] if name.startswith(base + ".tmp") else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process still runs (it may be saving right now)
+        except ProcessLookupError:
+            pass
+        except OSError:  # PermissionError: alive, another user's
+            continue
+        try:
+            os.remove(join(folder, name))
+        except OSError:
+            pass
 
 
 def _fsync_folder(folder: str) -> None:
@@ -125,11 +151,15 @@ def transferable_mismatches(network: torch.nn.Module, weights: dict) -> list[str
     return problems
 
 
-def load_pretrained_into(network: torch.nn.Module, fname: str) -> int:
+def load_pretrained_into(network: torch.nn.Module, fname: str, log=print) -> int:
     """Copies every tensor except the seg layers from a SAR (or any nnU-Net) checkpoint into `network`,
-    after checking all of them. Returns the number of tensors loaded."""
+    after checking all of them. A single-channel checkpoint serves a C-channel target (first kernel
+    repeated, scaled by 1/C). Returns the number of tensors loaded."""
     ckpt = load_checkpoint_file(fname)
-    weights = ckpt["network_weights"]
+    from nnunet_sar.finetuning import adapt_input_channels  # here: nnunet_sar.finetuning imports this module
+    weights, adapted = adapt_input_channels(ckpt["network_weights"], network)
+    if adapted:
+        log(f"SAR: single-channel checkpoint: {', '.join(adapted)} repeated over the input channels and scaled by 1/C")
     problems = transferable_mismatches(network, weights)
     if problems:
         settings = ckpt.get("settings", {})

@@ -80,7 +80,10 @@ def main(argv=None):
     _run([_exe("nnUNetv2_plan_and_preprocess"), "-d", str(tid), "-c", "3d_fullres", "--verify_dataset_integrity",
           "-np", "2"], env, "[2/6] nnU-Net planning and preprocessing of the target")
     _run([_exe("nnunet_sar_pretrain"), "-d", str(tid), "--sources", *[str(s[0]) for s in SOURCES],
-          "--epochs", str(args.pretrain_epochs), "--iters-per-epoch", "10", *dev] +
+          "--epochs", str(args.pretrain_epochs), "--iters-per-epoch", "10", *dev,
+          # paper-like small cubes in batches of 8 (the heads read batch-normalised features); the paper's
+          # lr 1.0 collapsed the restoration output in our short CPU runs, 0.1 does not
+          "--patch-size", "32", "32", "32", "--batch-size", "8", "--lr-unet", "0.1"] +
          (["--overwrite"] if args.overwrite else []), train_env, "[3/6] SAR pre-training (brief)")
     trainers = ["nnUNetTrainerSAR_demo"] + ([] if args.no_baseline else ["nnUNetTrainer_demo"])
     for tr in trainers:

@@ -22,7 +22,7 @@ class SARInitialisation:
             return
         fname = find_pretrained_checkpoint(self.plans_manager.dataset_name, self.pretraining_variant,
                                            self.plans_manager.plans_name, self.configuration_name)
-        n = load_pretrained_into(self.network, fname)
+        n = load_pretrained_into(self.network, fname, log=self.print_to_log_file)
         self.print_to_log_file(f"SAR: loaded {n} pre-trained tensors (all but the seg layers) from {fname}")
 
 
@@ -40,3 +40,154 @@ class DemoSchedule:
 
 class nnUNetTrainerSAR(SARInitialisation, nnUNetTrainer):
     """nnU-Net's default recipe, initialised from SAR pre-training."""
+
+
+# ------------------------------------------------------------------ the paper's fine-tuning recipe (3.3)
+class ValidationLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """ReduceLROnPlateau driven by nnU-Net's logged validation loss.
+
+    nnU-Net calls ``lr_scheduler.step(current_epoch)`` at the start of every epoch; for a plateau
+    schedule that epoch number would be read as the monitored metric. So ``step`` ignores its
+    arguments, and ``PaperFineTuning.on_epoch_end`` calls ``step_on_validation_loss`` instead."""
+
+    def step(self, *args, **kwargs):  # noqa: D102 - nnU-Net's per-epoch call, deliberately a no-op
+        pass
+
+    def step_on_validation_loss(self, val_loss: float) -> None:
+        super().step(float(val_loss))
+
+
+class PaperFineTuning:
+    """The paper's fine-tuning recipe (3.3): Adam with lr 1e-3, Dice loss only, ReduceLROnPlateau on
+    the validation loss; all layers trainable. Everything else (epochs, augmentation, deep supervision,
+    patch and batch size) stays nnU-Net's.
+
+    Dice only is nnU-Net's own compound loss with the cross-entropy weight 0 (so ignore labels and
+    regions are handled as in nnU-Net). The plateau state is not part of nnU-Net's checkpoint; on
+    ``--c`` (resume) it is rebuilt by replaying the logged validation losses."""
+
+    plateau_factor = 0.5     # as the pre-training schedule (paper 3.3 names no values)
+    plateau_patience = 10    # epochs (nnU-Net epochs: 250 iterations each)
+    min_lr = 1e-6
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr)
+        return optimizer, ValidationLossPlateau(optimizer, mode="min", factor=self.plateau_factor,
+                                                patience=self.plateau_patience, min_lr=self.min_lr)
+
+    def _build_loss(self):
+        import numpy as np
+        from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
+        from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+        dice = {"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "ddp": self.is_ddp}
+        if self.label_manager.has_regions:
+            loss = DC_and_BCE_loss({}, {**dice, "do_bg": True}, weight_ce=0, weight_dice=1,
+                                   use_ignore_label=self.label_manager.ignore_label is not None,
+                                   dice_class=MemoryEfficientSoftDiceLoss)
+        else:
+            loss = DC_and_CE_loss({**dice, "do_bg": False}, {}, weight_ce=0, weight_dice=1,
+                                  ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+        if self._do_i_compile():
+            loss.dc = torch.compile(loss.dc)
+        if self.enable_deep_supervision:  # as nnU-Net's default loss
+            weights = np.array([1 / (2 ** i) for i in range(len(self._get_deep_supervision_scales()))])
+            weights[-1] = 1e-6 if self.is_ddp and not self._do_i_compile() else 0
+            loss = DeepSupervisionWrapper(loss, weights / weights.sum())
+        return loss
+
+    def on_epoch_end(self):
+        before = self.optimizer.param_groups[0]["lr"]
+        self.lr_scheduler.step_on_validation_loss(self.logger.get_value("val_losses", step=-1))
+        after = self.optimizer.param_groups[0]["lr"]
+        if after != before:
+            self.print_to_log_file(f"ReduceLROnPlateau: validation loss has not improved for "
+                                   f"{self.plateau_patience} epochs, learning rate {before:.3g} -> {after:.3g}")
+        super().on_epoch_end()
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        # nnU-Net saves no scheduler state: replay the logged validation losses on a fresh schedule
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.initial_lr
+        self.lr_scheduler = ValidationLossPlateau(self.optimizer, mode="min", factor=self.plateau_factor,
+                                                  patience=self.plateau_patience, min_lr=self.min_lr)
+        for val_loss in self.logger.get_value("val_losses", step=None)[:self.current_epoch]:
+            self.lr_scheduler.step_on_validation_loss(val_loss)
+
+
+# -------------------------------------------------------------- training on a fraction of the labels (Table 4)
+FRACTION_SEED = 12345
+
+
+def nested_fraction(keys, denominator: int, seed: int = FRACTION_SEED) -> list:
+    """1/denominator of `keys` (at least one): the first round(n / denominator) of one seeded permutation
+    of the sorted keys. The permutation depends only on the keys and the seed, so every trainer (SAR or
+    from scratch) gets the same subset, and smaller fractions lie inside larger ones."""
+    import numpy as np
+    keys = sorted(keys)
+    if denominator < 1:
+        raise ValueError(f"fraction denominator must be >= 1, got {denominator}")
+    order = np.random.RandomState(seed).permutation(len(keys))
+    n = max(1, int(round(len(keys) / denominator)))
+    return sorted(keys[i] for i in order[:n])
+
+
+class TrainingFraction:
+    """Trains on 1/``fraction_denominator`` of the fold's training cases (paper 4.0.3); the validation
+    cases stay those of the fold. See ``nested_fraction``."""
+
+    fraction_denominator = 1
+    fraction_seed = FRACTION_SEED
+
+    def do_split(self):
+        tr_keys, val_keys = super().do_split()
+        subset = nested_fraction(tr_keys, self.fraction_denominator, self.fraction_seed)
+        self.print_to_log_file(f"Training fraction 1/{self.fraction_denominator}: {len(subset)} of {len(tr_keys)} "
+                               f"training cases (seed {self.fraction_seed}); {len(val_keys)} validation cases")
+        return subset, val_keys
+
+
+# ----------------------------------------------------------------------------- multi-channel targets
+def first_conv_keys(network: torch.nn.Module) -> list[str]:
+    """State-dict keys of the convolution weights that read the network's input channels."""
+    from nnunet_sar.checkpoint import unwrap
+    module = unwrap(network)
+    keys = []
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd) and not isinstance(
+                m, (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)):
+            keys.append(name + ".weight")
+            break
+    # aliases of the same tensor (e.g. decoder.encoder.*, all_modules.*) appear under other names
+    state = module.state_dict()
+    if keys:
+        first = state[keys[0]]
+        keys = [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() == first.data_ptr()]
+    return keys
+
+
+def adapt_input_channels(weights: dict, network: torch.nn.Module) -> tuple[dict, list[str]]:
+    """A single-channel checkpoint for a network with C > 1 input channels: the first convolution's
+    kernel is repeated over the C channels and scaled by 1/C (so a C-channel input of identical images
+    gives the pre-trained response). Returns (new weights, adapted keys); other tensors are untouched,
+    and weights that already fit (or do not come from a single channel) are returned unchanged."""
+    from nnunet_sar.checkpoint import unwrap
+    state = unwrap(network).state_dict()
+    weights = dict(weights)
+    adapted = []
+    for key in first_conv_keys(network):
+        if key not in weights:
+            continue
+        w, target = weights[key], state[key]
+        c = target.shape[1]
+        if w.ndim == target.ndim and w.shape[1] == 1 and c > 1 and w.shape[0] == target.shape[0] \
+                and w.shape[2:] == target.shape[2:]:
+            weights[key] = w.repeat(1, c, *([1] * (w.ndim - 2))) / c
+            adapted.append(key)
+    return weights, adapted

@@ -101,8 +101,12 @@ class SARPretrainer:
 
     # ------------------------------------------------------------------ set-up
     def initialize(self, continue_training: bool = False, overwrite: bool = False):
-        self._prepare_output_folder(continue_training, overwrite)
         s = self.s
+        try:  # before the (long) preprocessing of the sources
+            check_patch_size(self.patch_size, self.configuration_manager.network_arch_init_kwargs["strides"])
+        except ValueError as e:
+            raise SARError(f"patch size for {s.plans_identifier} / {s.configuration}: {e}") from None
+        self._prepare_output_folder(continue_training, overwrite)
         torch.manual_seed(s.seed), np.random.seed(s.seed), random.seed(s.seed)
         cache = s.cache_dir or join(os.environ.get("nnUNet_preprocessed", "."), "nnUNetSAR_sources")
         if self.rank == 0:
@@ -111,6 +115,9 @@ class SARPretrainer:
         if self.rank != 0:
             volumes = preprocess_sources(s.sources, cache, num_processes=1, progress=False)
         self.train_volumes, self.val_volumes = split_train_val(volumes, s.val_fraction, s.seed)
+        if not self.val_volumes or not self.train_volumes:
+            raise SARError(f"sources {' '.join(s.sources)} hold {len(volumes)} volumes; the held-out validation cubes "
+                           f"need at least two cases (--val-fraction {s.val_fraction})")
         self.total_train_volumes = len(self.train_volumes)
         # DDP: every rank samples its own shard of the training volumes; validation is the same everywhere
         self.train_volumes = self.train_volumes[self.rank::self.world_size]
@@ -129,10 +136,6 @@ class SARPretrainer:
 
         unet = build_pretraining_network(self.plans_manager, self.configuration_manager, num_channels=1,
                                          norm=s.norm)
-        try:
-            check_patch_size(self.patch_size, unet.encoder.strides)
-        except ValueError as e:
-            raise SARError(f"patch size for {s.plans_identifier} / {s.configuration}: {e}") from None
         self.network = SARNetwork(unet, num_scales=3, num_modalities=len(self.modalities),
                                   scale_head=self.variant.scale_loss, discriminator=self.adversarial).to(self.device)
         if self.is_ddp:
@@ -357,8 +360,16 @@ class SARPretrainer:
             "settings": self.settings_dict(),
         }, fname)
 
+    RESUME_MUST_MATCH = ("norm", "modalities", "adversarial", "scale_loss", "patch_size", "batch_size")
+
     def load_checkpoint(self, fname: str):
         ckpt = load_checkpoint_file(fname)
+        saved, now = ckpt.get("settings") or {}, self.settings_dict()
+        differ = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in self.RESUME_MUST_MATCH
+                  if k in saved and saved[k] != now[k]]
+        if differ:
+            raise SARError(f"--continue: {fname} was made with other settings ({'; '.join(differ)}); resume with the "
+                           f"same options or start again with --overwrite")
         net = self.sar_network
         net.unet.load_state_dict({**ckpt["network_weights"], **ckpt.get("norm_statistics", {})})
         for name in ("scale_head", "discriminator"):

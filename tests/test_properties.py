@@ -53,7 +53,7 @@ def _check_item(item, patch, n_modalities):
     assert item["modality"].dtype == torch.int64 and 0 <= int(item["modality"]) < n_modalities
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shapes=st.lists(volume_shape, min_size=1, max_size=3),
        patch=st.tuples(patch_side, patch_side, patch_side),
        dtype=st.sampled_from([np.float16, np.float32]),
@@ -78,7 +78,7 @@ def test_sampler_any_volume_any_patch(shapes, patch, dtype, kind, seed, epoch, c
             assert np.bincount(s[v == vi], minlength=3).tolist() == list(cubes)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=volume_shape,
        patch=st.tuples(patch_side, patch_side, patch_side),
        dtype=st.sampled_from([np.float16, np.float32]),
@@ -97,7 +97,7 @@ def test_sampler_with_corruptions_any_volume_any_patch(shape, patch, dtype, kind
                 _check_item(ds[i], patch, 2)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shapes=st.lists(volume_shape, min_size=1, max_size=2),
        patch=st.tuples(patch_side, patch_side, patch_side),
        dtype=st.sampled_from([np.float16, np.float32]),
@@ -118,7 +118,7 @@ def test_fixed_validation_cubes_any_volume(shapes, patch, dtype, seed):
     assert tuple(a["scale"].shape) == (n,) and tuple(a["modality"].shape) == (n,)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(shape=volume_shape, fraction=st.sampled_from(SCALES), min_size=st.integers(1, 6))
 def test_crop_size_is_positive_and_follows_the_fraction(shape, fraction, min_size):
     crop = crop_size(shape, fraction, min_size)
