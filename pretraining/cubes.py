@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -7,11 +7,9 @@ checkpoint_latest.pth (every epoch, for --continue), checkpoint_best.pth (lowest
 checkpoint_final.pth, the last two in nnU-Net's ``-pretrained_weights`` format.
 """
 import dataclasses
-import json
 import os
 import random
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime

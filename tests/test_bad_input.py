@@ -3,7 +3,6 @@ non-finite losses, and every kind of bad input ending in ONE line ``nnunet_sar_p
 that names the file, key or value (no traceback), before any training."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,17 +21,6 @@ PREFIX = "nnunet_sar_pretrain: error: "
 RUN_DIR = "nnUNetSARPretrain_sar__nnUNetPlansTiny__3d_fullres"
 # a tiny network and 16^3 cubes (the tiny plans' total stride is 8): seconds per epoch on 2 CPU cores
 FAST = ["-p", "nnUNetPlansTiny", "--patch-size", "16", "16", "16", "--batch-size", "4", "-device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_plans(planned_target):
-    """The target's plans with 8..64 features per stage (as tests/test_pretraining.py)."""
-    folder = join(os.environ["nnUNet_preprocessed"], TARGET)
-    plans = json.load(open(join(folder, "nnUNetPlans.json")))
-    plans["plans_name"] = "nnUNetPlansTiny"
-    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64]
-    json.dump(plans, open(join(folder, "nnUNetPlansTiny.json"), "w"))
-    return "nnUNetPlansTiny"
 
 
 def _env(results, **extra) -> dict:
