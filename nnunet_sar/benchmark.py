@@ -379,12 +379,19 @@ def _memory_child(folder, n, patch):
     print(" ".join(f"{k}_MB {vm_hwm_mb(k):.2f}" for k in ("RssAnon", "RssFile", "VmHWM")))
 
 
+# python -P (3.11+): do not put the working directory on sys.path, where a source checkout's nnunet_sar/
+# (without its pretraining/ subpackage, which setup.py maps in) would shadow the installed package
+_NO_CWD_ON_PATH = ["-P"] if sys.version_info >= (3, 11) else []
+
+
 def peak_rss_mb(folder, n, patch=(64, 64, 32), fields=False):
     """Peak resident memory (MiB) of a fresh process making one data pass over n volumes of ``folder``
     (``fields=True``: a dict that also holds RssAnon and RssFile at the end of the pass)."""
     code = f"from nnunet_sar.benchmark import _memory_child; _memory_child({folder!r}, {int(n)}, {tuple(patch)!r})"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    # cwd: the child must import the installed package, not a source checkout it was started in
+    done = subprocess.run([sys.executable, *_NO_CWD_ON_PATH, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=folder)
     if done.returncode:
         raise RuntimeError(f"memory pass failed:\n{done.stderr[-3000:]}")
     words = done.stdout.split("RssAnon_MB")[-1].split()
@@ -427,7 +434,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if argv is None and os.environ.get("OMP_NUM_THREADS") != "1":  # single-thread numpy, scipy and torch
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "nnunet_sar.benchmark", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *_NO_CWD_ON_PATH, "-m", "nnunet_sar.benchmark", *sys.argv[1:]], env)
     torch.set_num_threads(1)
     tuned = False if args.no_tune_malloc else __import__("nnunet_sar.pretraining.corruptions",
                                                          fromlist=["tune_malloc"]).tune_malloc()

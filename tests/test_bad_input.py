@@ -154,7 +154,7 @@ def test_kill_9_during_save_never_leaves_a_broken_checkpoint(tmp_path):
             i += 1
     """)
     for delay in (0.0, 0.11, 0.37):
-        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
         try:
             assert p.stdout.readline().strip() == "ready"
             time.sleep(delay)
