@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input cube size, e.g. the paper's 64 64 32 [the plans' patch size]")
     p.add_argument("--cubes-per-volume", type=int, nargs=3, default=d.cubes_per_volume, metavar=("L", "M", "S"),
                    help="cubes per volume and epoch at 1/2, 1/4, 1/8 of the side (paper Table 1) [16 16 32]")
+    p.add_argument("--val-cubes-per-volume", type=int, nargs=3, default=d.val_cubes_per_volume, metavar=("L", "M", "S"),
+                   help="fixed validation cubes per held-out volume (the paper gives no number) [2 2 4]")
     p.add_argument("--corruption", nargs="+", default=[], metavar="KEY=P", type=_key_value,
                    help="override Models Genesis' corruption rates: " + " ".join(
                        f"{k}={v}" for k, v in GENESIS_PROBABILITIES.items()))
@@ -101,7 +103,7 @@ def main(argv=None):
         dataset=args.dataset, sources=args.sources, plans_identifier=args.plans_identifier,
         configuration=args.configuration, variant=args.variant, epochs=args.epochs,
         iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, patch_size=args.patch_size,
-        cubes_per_volume=args.cubes_per_volume, corruptions={**settings_defaults.corruptions, **dict(args.corruption)},
+        cubes_per_volume=args.cubes_per_volume, val_cubes_per_volume=args.val_cubes_per_volume, corruptions={**settings_defaults.corruptions, **dict(args.corruption)},
         val_fraction=args.val_fraction, alpha=args.alpha, beta=args.beta,
         adv_weight=args.adv_weight, lr_unet=args.lr_unet, lr_scale=args.lr_scale, lr_disc=args.lr_disc,
         plateau_patience=args.plateau_patience, num_workers=workers, cache_dir=args.cache_dir, norm=args.norm, seed=args.seed,

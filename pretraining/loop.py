@@ -26,7 +26,7 @@ from nnunet_sar import SARError, __version__
 from nnunet_sar.checkpoint import atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder, unwrap
 from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
 from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions
-from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, MultiScaleCubes, check_patch_size,
+from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, SCALE_NAMES, MultiScaleCubes, check_patch_size,
                                          fixed_validation_cubes)
 from nnunet_sar.pretraining.logger import SARLogger
 from nnunet_sar.pretraining.model import SARNetwork
@@ -104,6 +104,10 @@ class SARPretrainer:
             check_patch_size(self.patch_size, self.configuration_manager.network_arch_init_kwargs["strides"])
         except ValueError as e:
             raise SARError(f"patch size for {s.plans_identifier} / {s.configuration}: {e}") from None
+        for flag, counts in (("--cubes-per-volume", s.cubes_per_volume), ("--val-cubes-per-volume", s.val_cubes_per_volume)):
+            if len(counts) != 3 or min(counts) < 0 or not sum(counts[i] for i in self.variant.scales):
+                raise SARError(f"{flag} {' '.join(map(str, counts))}: give 3 counts >= 0 (1/2, 1/4, 1/8 crops), not all "
+                               f"zero at the scales variant '{s.variant}' uses ({[SCALE_NAMES[i] for i in self.variant.scales]})")
         self._prepare_output_folder(continue_training, overwrite)
         torch.manual_seed(s.seed), np.random.seed(s.seed), random.seed(s.seed)
         cache = s.cache_dir or join(os.environ.get("nnUNet_preprocessed", "."), "nnUNetSAR_sources")
@@ -244,14 +248,20 @@ class SARPretrainer:
             if self.grad_scaler is not None:
                 self.grad_scaler.scale(loss).backward()
                 self.grad_scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+                self._clip_gradients()
                 self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
             else:
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+                self._clip_gradients()
                 self.optimizer.step()
         return {k: v.detach().item() for k, v in terms.items()}
+
+    def _clip_gradients(self, max_norm: float = 12.0):
+        """nnU-Net's norm clipping, per player (U-Net, S, M): one joint norm would let the U-Net's large
+        restoration gradient (beta = 10) shrink the heads' steps to nothing."""
+        for group in self.optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
 
     def train_epoch(self) -> dict:
         self.network.train()

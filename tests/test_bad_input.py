@@ -269,6 +269,9 @@ def _bad_cases(b) -> dict:
         "unknown_dataset": (["--sources", "987"], {}, ["'987'", "nnUNet_raw"]),
         "patch_not_divisible": (["--sources", *map(str, SOURCE_IDS), "--patch-size", "20", "16", "16"], {},
                                 ["(20, 16, 16)", "(8, 8, 8)", "nnUNetPlansTiny"]),
+        "no_validation_cubes_at_the_variant_scale": (
+            ["--sources", *map(str, SOURCE_IDS), "--variant", "scale8", "--val-cubes-per-volume", "2", "2", "0"], {},
+            ["--val-cubes-per-volume 2 2 0", "scale8", "small"]),
         "results_under_a_file": (["--sources", *map(str, SOURCE_IDS)], {"nnUNet_results": b["a_file"] / "results"},
                                  [str(b["a_file"] / "results")]),
         "cache_under_a_file": (["--sources", *map(str, SOURCE_IDS), "--cache-dir", str(b["a_file"] / "cache")], {},
@@ -313,7 +316,8 @@ def _main_in_process(argv, env, monkeypatch, capsys) -> subprocess.CompletedProc
 
 
 BAD_INPUTS = ["missing_file", "corrupt_dataset_json", "corrupt_file", "two_d", "four_d", "nan", "inf", "empty_source",
-              "unknown_modality", "unknown_dataset", "patch_not_divisible", "results_under_a_file",
+              "unknown_modality", "unknown_dataset", "patch_not_divisible", "no_validation_cubes_at_the_variant_scale",
+              "results_under_a_file",
               "cache_under_a_file"]
 
 
