@@ -13,6 +13,7 @@ depends only on (seed, epoch, i): the same with any number of DataLoader workers
 """
 from __future__ import annotations
 
+import math
 import random
 import warnings
 
@@ -28,6 +29,7 @@ __all__ = [
     "SCALE_NAMES",
     "DEFAULT_CUBES_PER_VOLUME",
     "crop_size",
+    "resize_trilinear",
     "check_patch_size",
     "MultiScaleCubes",
     "fixed_validation_cubes",
@@ -62,6 +64,26 @@ def check_patch_size(patch_size, network_strides) -> None:
             f"patch size {tuple(patch)} is not divisible by the network's total stride per axis {tuple(total)} "
             f"(axes {bad}); choose sides that are multiples of {tuple(total)}"
         )
+
+
+def resize_trilinear(t: torch.Tensor, size) -> torch.Tensor:
+    """``F.interpolate(t[None, None], size, mode="trilinear", align_corners=False)[0, 0]`` of a 3-D tensor,
+    computed, when a small crop is enlarged (the 1/4 and 1/8 crops), as a linear pass over the first
+    axis on the crop and then a bilinear pass over the last two (trilinear interpolation is separable;
+    the results agree to float rounding). About twice as fast on one CPU core for 128^3 cubes: most
+    outputs come from a 4-tap pass instead of an 8-tap one."""
+    size = tuple(int(s) for s in size)
+    if tuple(t.shape) == size:
+        return t
+    if 4 * t.numel() > math.prod(size):  # little or no enlargement: one 8-tap pass over the outputs is cheaper
+        return F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    x, y, z = t.shape
+    if x != size[0]:
+        rows = t.reshape(x, -1).T[:, None]  # (Y * Z, 1, X)
+        t = F.interpolate(rows, size=size[0], mode="linear", align_corners=False)[:, 0].T.contiguous().view(size[0], y, z)
+    if (y, z) != size[1:]:
+        t = F.interpolate(t[None], size=size[1:], mode="bilinear", align_corners=False)[0]
+    return t.contiguous()  # (bilinear may hand back a channels-last layout for 1 x 1 planes)
 
 
 def _derived_seed(*key: int) -> int:
@@ -184,11 +206,7 @@ class MultiScaleCubes(Dataset):
         else:
             x = np.array(arr[tuple(src)], order="C")  # reads only the crop from the memmap
         t = torch.from_numpy(x).float()  # float16 -> float32 in torch (vectorised, much faster than numpy)
-        if tuple(t.shape) != self.patch_size:
-            t = F.interpolate(t[None, None], size=self.patch_size, mode="trilinear", align_corners=False)[0]
-        else:
-            t = t[None]
-        return t.contiguous()
+        return resize_trilinear(t, self.patch_size)[None]
 
     def _apply_transforms(self, cube: torch.Tensor, key: tuple[int, int, int]):
         s = _derived_seed(*key, 1)

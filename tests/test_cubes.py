@@ -238,3 +238,14 @@ def test_real_ct_and_mri(tmp_path):
         assert 0.0 <= float(it["image"].min()) and float(it["image"].max()) <= 1.0
         v = vols[int(ds.plan()[0][i])]
         assert int(it["modality"]) == ds.modalities.index(v.modality)
+
+
+@pytest.mark.parametrize("shape", [(30, 30, 19), (120, 120, 78), (7, 5, 3), (130, 140, 150), (16, 16, 16), (64, 9, 33)])
+@pytest.mark.parametrize("size", [(128, 128, 128), (64, 64, 32), (16, 16, 16), (5, 7, 3)])
+def test_separable_resize_equals_trilinear_interpolation(shape, size):
+    from nnunet_sar.pretraining.cubes import resize_trilinear
+    t = torch.from_numpy(np.random.default_rng(sum(shape)).random(shape, dtype=np.float32))
+    out = resize_trilinear(t, size)
+    expected = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
