@@ -393,3 +393,16 @@ def test_property_painting_boxes_inside(shape, seed, share):
                 assert math.ceil(3 * s / 7) <= b - a <= math.ceil(4 * s / 7)
             if s >= 20:
                 assert a >= 3 and b <= s - 3
+
+
+def test_cpu_painting_noise_is_uniform_and_follows_torch_seed():
+    from nnunet_sar.pretraining.corruptions import uniform_noise
+    torch.manual_seed(3)
+    a = uniform_noise((2, 40, 40, 40), "cpu")
+    torch.manual_seed(3)
+    b = uniform_noise((2, 40, 40, 40), "cpu")
+    c = uniform_noise((2, 40, 40, 40), "cpu")
+    assert a.shape == (2, 40, 40, 40) and a.dtype == torch.float32 and torch.equal(a, b) and not torch.equal(b, c)
+    assert 0 <= float(a.min()) and float(a.max()) < 1
+    counts = torch.histc(a, bins=10, min=0, max=1)  # 128,000 values: each tenth within 3 % of 12,800
+    assert (counts - a.numel() / 10).abs().max() < 0.03 * a.numel() / 10
