@@ -25,13 +25,17 @@ from torch.utils.data import DataLoader
 from nnunet_sar import SARError, __version__
 from nnunet_sar.checkpoint import atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder, unwrap
 from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
-from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions
+from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions, tune_malloc
 from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, SCALE_NAMES, MultiScaleCubes, check_patch_size,
                                          fixed_validation_cubes)
 from nnunet_sar.pretraining.logger import SARLogger
 from nnunet_sar.pretraining.model import SARNetwork
 from nnunet_sar.pretraining.objective import VARIANTS, SARObjective
 from nnunet_sar.pretraining.sources import preprocess_sources, split_train_val
+
+
+def _tune_malloc_in_worker(worker_id: int):
+    tune_malloc()
 
 
 @dataclass
@@ -110,6 +114,7 @@ class SARPretrainer:
                                f"zero at the scales variant '{s.variant}' uses ({[SCALE_NAMES[i] for i in self.variant.scales]})")
         self._prepare_output_folder(continue_training, overwrite)
         torch.manual_seed(s.seed), np.random.seed(s.seed), random.seed(s.seed)
+        tune_malloc()  # the cubes are made here when --num-workers is 0 (see corruptions.tune_malloc)
         cache = s.cache_dir or join(os.environ.get("nnUNet_preprocessed", "."), "nnUNetSAR_sources")
         if self.rank == 0:
             volumes = preprocess_sources(s.sources, cache, num_processes=max(1, s.num_workers))
@@ -231,7 +236,8 @@ class SARPretrainer:
         n, per_plan = self.iterations_per_epoch * self.batch_size, len(self.train_cubes)
         keys = [(self.current_epoch * 1_000_003 + j // per_plan, j % per_plan) for j in range(n)]
         return DataLoader(self.train_cubes, batch_size=self.batch_size, sampler=keys, drop_last=True,
-                          num_workers=self.s.num_workers, pin_memory=self.device.type == "cuda")
+                          num_workers=self.s.num_workers, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=_tune_malloc_in_worker)
 
     def _step(self, batch: dict, train: bool) -> dict:
         image = batch["image"].to(self.device, non_blocking=True)
