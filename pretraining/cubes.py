@@ -77,13 +77,15 @@ def resize_trilinear(t: torch.Tensor, size) -> torch.Tensor:
         return t
     if 4 * t.numel() > math.prod(size):  # little or no enlargement: one 8-tap pass over the outputs is cheaper
         return F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    lo, hi = (float(v) for v in t.aminmax())  # of the small crop: cheap
     x, y, z = t.shape
     if x != size[0]:
         rows = t.reshape(x, -1).T[:, None]  # (Y * Z, 1, X)
         t = F.interpolate(rows, size=size[0], mode="linear", align_corners=False)[:, 0].T.contiguous().view(size[0], y, z)
     if (y, z) != size[1:]:
         t = F.interpolate(t[None], size=size[1:], mode="bilinear", align_corners=False)[0]
-    return t.contiguous()  # (bilinear may hand back a channels-last layout for 1 x 1 planes)
+    # interpolation stays within its inputs' range, but two rounded passes can leave it by ~1e-7
+    return t.clamp_(lo, hi).contiguous()  # (bilinear may hand back a channels-last layout for 1 x 1 planes)
 
 
 def _derived_seed(*key: int) -> int:
