@@ -1,7 +1,7 @@
 """Every trainer of Tables 2-4 inside nnU-Net: found by nnU-Net's lookup, initialised from the checkpoint of
 its own pre-training variant (found where ``nnunet_sar_pretrain`` writes it, no override), trained for a
 few iterations by nnU-Net's ``run_training`` and loaded again by nnU-Net's predictor to segment a test
-case. Then ``nnunet_sar_report`` reads the loss curves of these real result folders."""
+case. Then ``nnunet_sar_report`` reads Dice and loss curves from these real result folders."""
 import csv
 import os
 from os.path import isfile, join
@@ -58,8 +58,7 @@ def trained(tiny_plans, variant_checkpoints, nnunet_folders):
         predictor.initialize_from_trained_model_folder(os.path.dirname(trainer.output_folder), (0,), "checkpoint_final.pth")
         with open(trainer.log_file) as f:
             log = f.read()
-        runs[name] = dict(start=start, folder=trainer.output_folder, log=log, predictor=type(predictor.network).__name__,
-                          trainer_class=predictor.trainer_name, seg=predictor.predict_single_npy_array(image, props),
+        runs[name] = dict(start=start, folder=trainer.output_folder, log=log, trainer_class=predictor.trainer_name, seg=predictor.predict_single_npy_array(image, props),
                           final=torch.load(join(trainer.output_folder, "checkpoint_final.pth"), map_location="cpu",
                                            weights_only=False))
     return dict(runs=runs, image=image)
