@@ -14,3 +14,8 @@ __version__ = "0.1.0"
 
 class SARError(Exception):
     """An error a user can fix: the message names the file, key or value and what to do."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's text on one line: readers (SimpleITK) and nnU-Net put newlines into theirs."""
+    return " ".join(str(e).split())

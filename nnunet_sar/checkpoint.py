@@ -16,7 +16,7 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 import nnunetv2.paths
-from nnunet_sar import SARError
+from nnunet_sar import SARError, one_line
 
 PRETRAIN_PREFIX = "nnUNetSARPretrain"
 CHECKPOINT_ENV = "nnUNet_SAR_checkpoint"  # a file that nnUNetTrainerSAR* loads instead of the default
@@ -65,7 +65,7 @@ def atomic_save(obj, fname: str) -> None:
         os.replace(tmp, fname)
         _fsync_folder(os.path.dirname(os.path.abspath(fname)))
     except OSError as e:
-        raise SARError(f"cannot write checkpoint {fname}: {e.strerror or _one_line(e)}") from None
+        raise SARError(f"cannot write checkpoint {fname}: {e.strerror or one_line(e)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -110,9 +110,6 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
 
 def cpu_state_dict(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in unwrap(module).state_dict().items()}
@@ -132,7 +129,7 @@ def load_checkpoint_file(fname: str) -> dict:
     try:
         ckpt = torch.load(fname, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated / foreign files
-        raise SARError(f"cannot read checkpoint {fname}: {type(e).__name__}: {_one_line(e)}") from None
+        raise SARError(f"cannot read checkpoint {fname}: {type(e).__name__}: {one_line(e)}") from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise SARError(f"{fname} is not an nnU-Net style checkpoint (no 'network_weights' key)")
     return ckpt

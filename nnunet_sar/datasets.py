@@ -25,7 +25,7 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 
-from nnunet_sar import SARError
+from nnunet_sar import SARError, one_line
 
 BRATS_SEQUENCES = ("t1", "t1ce", "t2", "flair")
 BRATS_CHANNEL_NAMES = ("T1", "T1ce", "T2", "FLAIR")
@@ -248,7 +248,7 @@ def convert_source(folder: str, dataset_id: int, name: str, modality: str, overw
         try:
             reader.ReadImageInformation()
         except RuntimeError as e:
-            raise SARError(f"cannot read {f}: {' '.join(str(e).split())[-200:]}") from None
+            raise SARError(f"cannot read {f}: {one_line(e)[-200:]}") from None
         if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
             raise SARError(f"{f} is not a 3D single-channel image ({reader.GetDimension()}D, "
                            f"{reader.GetNumberOfComponents()} components); for multi-channel MSD tasks use "
@@ -290,13 +290,9 @@ def main_convert_source(argv=None):
 # ------------------------------------------------------------------------------------------- splits
 def raw_case_ids(dataset) -> list[str]:
     """Training case ids of an nnU-Net raw dataset (name or id)."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise SARError(f"dataset {dataset!r} not found: {' '.join(str(e).split())}") from None
-    folder = join(_raw_root(), name)
+    from nnunet_sar.network import dataset_name
+    folder = join(_raw_root(), dataset_name(dataset))
     if not isfile(join(folder, "dataset.json")):
         raise SARError(f"{folder} has no dataset.json")
     with open(join(folder, "dataset.json")) as f:

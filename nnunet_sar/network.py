@@ -14,7 +14,16 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_sar import SARError
+from nnunet_sar import SARError, one_line
+
+
+def dataset_name(dataset: str | int) -> str:
+    """DatasetXXX_Name for a dataset name or id, as nnU-Net resolves it; a one-line SARError otherwise."""
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise SARError(f"dataset {dataset!r} not found in nnUNet_raw, nnUNet_preprocessed or nnUNet_results: "
+                       f"{one_line(e)}") from None
 
 
 def preprocessed_folder(dataset: str | int) -> str:
@@ -22,11 +31,7 @@ def preprocessed_folder(dataset: str | int) -> str:
     root = nnunetv2.paths.nnUNet_preprocessed
     if not root:
         raise SARError("nnUNet_preprocessed is not set: export it as for nnU-Net itself")
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise SARError(f"dataset {dataset!r} not found in nnUNet_raw or nnUNet_preprocessed: {e}") from None
-    return join(root, name)
+    return join(root, dataset_name(dataset))
 
 
 def load_plans(dataset: str | int, plans_identifier: str = "nnUNetPlans", configuration: str = "3d_fullres"):

@@ -118,11 +118,8 @@ def collect(trainers, dataset=None, plans="nnUNetPlans", configuration="3d_fullr
     if trainers:
         if dataset is None:
             raise SARError("-d DATASET is needed to find the result folders of -tr trainers")
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-        try:
-            dataset_name = maybe_convert_to_dataset_name(dataset)
-        except RuntimeError as e:
-            raise SARError(f"dataset {dataset!r} not found: {' '.join(str(e).split())}") from None
+        from nnunet_sar.network import dataset_name as resolve
+        dataset_name = resolve(dataset)
     for t in trainers or ():
         folder = result_folder(dataset_name, t, plans, configuration)
         got = {}

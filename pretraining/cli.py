@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from nnunet_sar import SARError
+from nnunet_sar import SARError, one_line
 
 EPILOG = """
 examples:
@@ -133,7 +133,7 @@ def _run(rank: int, world_size: int, settings, continue_training: bool, overwrit
         trainer.initialize(continue_training=continue_training, overwrite=overwrite)
         trainer.run_training()
     except SARError as e:
-        print("nnunet_sar_pretrain: error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
+        print("nnunet_sar_pretrain: error: " + one_line(e), file=sys.stderr)  # always one line
         sys.exit(2)
     finally:
         if world_size > 1 and dist.is_initialized():

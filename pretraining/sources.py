@@ -44,7 +44,7 @@ from typing import Iterable
 
 import numpy as np
 
-from nnunet_sar import SARError
+from nnunet_sar import SARError, one_line
 
 __all__ = [
     "Volume",
@@ -79,10 +79,6 @@ class Volume:
 class SourceError(SARError, ValueError):
     """A source, file, key or value that cannot be used; the message names it."""
 
-
-def _one_line(e: BaseException) -> str:
-    """An exception's text on one line: readers (SimpleITK) and nnU-Net put newlines into theirs."""
-    return " ".join(str(e).split())
 
 
 # --------------------------------------------------------------------------------------------- listing
@@ -161,7 +157,7 @@ def _resolve_raw_dataset(src: str) -> str | None:
         name = maybe_convert_to_dataset_name(src)
     except (RuntimeError, ValueError) as e:
         raise SourceError(f"source {src!r}: no such nnU-Net raw dataset under nnUNet_raw={raw} "
-                          f"({_one_line(e)})") from None
+                          f"({one_line(e)})") from None
     folder = os.path.join(raw, name)
     if not os.path.isdir(folder):
         raise SourceError(f"source {src!r}: raw dataset folder {folder} does not exist (nnUNet_raw={raw})")
@@ -180,7 +176,7 @@ def _list_raw_dataset(folder: str, override: str | None) -> list[tuple[str, str,
         with open(djfile) as f:
             dj = json.load(f)
     except (OSError, ValueError) as e:
-        raise SourceError(f"cannot read {djfile}: {_one_line(e)}") from None
+        raise SourceError(f"cannot read {djfile}: {one_line(e)}") from None
     channel_names = dj.get("channel_names", dj.get("modality"))
     if not isinstance(channel_names, dict) or not channel_names:
         raise SourceError(f"{djfile}: key 'channel_names' missing or empty")
@@ -287,7 +283,7 @@ def _read_volume(image_file: str) -> tuple[np.ndarray, list]:
                 rw = Tiff3DIO
         data, props = rw().read_images((image_file,))
     except Exception as e:  # noqa: BLE001 - readers raise anything from AssertionError to RuntimeError
-        raise SourceError(f"cannot read {image_file} as a 3D image: {type(e).__name__}: {_one_line(e)}") from None
+        raise SourceError(f"cannot read {image_file} as a 3D image: {type(e).__name__}: {one_line(e)}") from None
     data = np.asarray(data)
     if data.ndim != 4 or data.shape[0] != 1 or min(data.shape[1:]) < 2:
         raise SourceError(
@@ -333,7 +329,7 @@ def _atomic_write_bytes(path: str, writer) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:  # full disk, read-only folder, a file where a folder should be
-        raise SourceError(f"cannot write {path}: {e.strerror or _one_line(e)}") from None
+        raise SourceError(f"cannot write {path}: {e.strerror or one_line(e)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -358,7 +354,7 @@ def _makedirs(folder: str, what: str) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise SourceError(f"cannot create the {what} {folder}: {e.strerror or _one_line(e)}") from None
+        raise SourceError(f"cannot create the {what} {folder}: {e.strerror or one_line(e)}") from None
 
 
 def _load_manifest(path: str) -> dict:
