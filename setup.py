@@ -46,6 +46,7 @@ setup(
             "nnunet_sar_convert_source=nnunet_sar.datasets:main_convert_source",
             "nnunet_sar_split=nnunet_sar.datasets:main_split",
             "nnunet_sar_report=nnunet_sar.report:main",
+            "nnunet_sar_check_transfer=nnunet_sar.pretraining.transfer_check:main",
         ]
     },
 )

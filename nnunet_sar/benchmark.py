@@ -423,6 +423,9 @@ def build_parser():
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="leave glibc malloc alone (default: corruptions.tune_malloc() in this process)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder, removed)")
+    p.add_argument("--transfer", action="store_true",
+                   help="instead: the transfer benchmark (fine-tuning Dice from each pre-trained start against scratch "
+                        "on phantom targets); 'nnunet_sar_benchmark --transfer --help' lists its options")
     return p
 
 
@@ -431,6 +434,10 @@ def _row(name, ours, ref, unit, target):
 
 
 def main(argv=None):
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    if "--transfer" in argv_list:  # a benchmark of its own, with its own options
+        from nnunet_sar.transfer_benchmark import main as transfer_main
+        return transfer_main([a for a in argv_list if a != "--transfer"])
     args = build_parser().parse_args(argv)
     if argv is None and os.environ.get("OMP_NUM_THREADS") != "1":  # single-thread numpy, scipy and torch
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}

@@ -148,10 +148,28 @@ def transferable_mismatches(network: torch.nn.Module, weights: dict) -> list[str
     return problems
 
 
-def load_pretrained_into(network: torch.nn.Module, fname: str, log=print) -> int:
-    """Copies every tensor except the seg layers from a SAR (or any nnU-Net) checkpoint into `network`,
-    after checking all of them. A single-channel checkpoint serves a C-channel target (first kernel
-    repeated, scaled by 1/C). Returns the number of tensors loaded."""
+TRANSFER_PARTS = ("all", "encoder")
+
+
+def encoder_keys(network: torch.nn.Module) -> set[str]:
+    """State-dict keys of the encoder (stem included), from the transfer surface the architecture declares
+    (dynamic-network-architectures' ``key_to_encoder`` / ``key_to_stem``), with every alias of the same
+    tensors (``decoder.encoder.*``)."""
+    module = unwrap(network)
+    prefixes = tuple(p + "." for p in (getattr(module, "key_to_encoder", "encoder"), getattr(module, "key_to_stem", None))
+                     if p)
+    state = module.state_dict()
+    pointers = {v.data_ptr() for k, v in state.items() if k.startswith(prefixes)}
+    return {k for k, v in state.items() if k.startswith(prefixes) or v.data_ptr() in pointers}
+
+
+def load_pretrained_into(network: torch.nn.Module, fname: str, log=print, parts: str = "all") -> int:
+    """Copies the pre-trained tensors from a SAR (or any nnU-Net) checkpoint into `network`, after checking
+    all of them: every tensor but the seg layers (``parts='all'``), or the encoder's alone (``'encoder'``;
+    the decoder keeps nnU-Net's initialisation). A single-channel checkpoint serves a C-channel target
+    (first kernel repeated, scaled by 1/C). Returns the number of tensors loaded."""
+    if parts not in TRANSFER_PARTS:
+        raise SARError(f"unknown transfer parts {parts!r}; choose from {', '.join(TRANSFER_PARTS)}")
     ckpt = load_checkpoint_file(fname)
     from nnunet_sar.finetuning import adapt_input_channels  # here: nnunet_sar.finetuning imports this module
     weights, adapted = adapt_input_channels(ckpt["network_weights"], network)
@@ -166,7 +184,9 @@ def load_pretrained_into(network: torch.nn.Module, fname: str, log=print) -> int
                        + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
     module = unwrap(network)
     state = module.state_dict()
-    transfer = {k: v for k, v in weights.items() if k in state and not any(s in k for s in SKIP_ON_TRANSFER)}
+    wanted = encoder_keys(module) if parts == "encoder" else set(state)
+    transfer = {k: v for k, v in weights.items()
+                if k in state and k in wanted and not any(s in k for s in SKIP_ON_TRANSFER)}
     state.update(transfer)
     module.load_state_dict(state)
     return len(transfer)

@@ -104,7 +104,14 @@ def main(argv=None):
     print(f"\n=== done in {time.time() - t0:.0f} s. Test-set Dice (tumor) after a few CPU iterations:")
     for tr, (d, summary) in dice.items():
         print(f"  {tr:24s} {d:.4f}   ({summary})")
-    print(f"SAR pre-training run:   {ckpt}  (checkpoint_final.pth, progress.png, training_log_*.txt)")
+    check = join(ckpt, "transfer_check.json")
+    if os.path.isfile(check):
+        with open(check) as f:
+            r = json.load(f)
+        print(f"transfer check (restoration MSE, held-out cubes): pre-training net {r['pretraining_network']:.4f}, "
+              f"nnU-Net's net {r['finetuning_network']:.4f}, corrupted input {r['corrupted_input']:.4f}, cube mean "
+              f"{r['cube_mean']:.4f}: {r['verdict']}")
+    print(f"SAR pre-training run:   {ckpt}  (checkpoint_final.pth, transfer_check.png, progress.png, training_log_*.txt)")
     print(f"fine-tuning runs:       {join(env['nnUNet_results'], dataset)}/<trainer>__nnUNetPlans__3d_fullres/fold_0")
     print(f"phantom datasets:       {raw}")
     print("These numbers come from seconds of training on a CPU; they show the pipeline works, not how well SAR does.")

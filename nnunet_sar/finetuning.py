@@ -13,7 +13,13 @@ from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_pretrained_in
 
 
 class SARInitialisation:
+    """Loads the pre-trained weights after nnU-Net's own ``initialize()``: ``transfer_parts`` 'encoder'
+    (the default: the decoder keeps nnU-Net's initialisation) or 'all' (encoder and decoder, as the paper),
+    and prints what the
+    run's transfer check measured, so that a starting point that does not do what pre-training did is
+    seen in the fine-tuning log."""
     pretraining_variant = "sar"
+    transfer_parts = "encoder"  # measured: a restoration decoder stalls the start (BENCHMARKS.md, transfer)
 
     def initialize(self):
         was_initialized = self.was_initialized
@@ -22,8 +28,95 @@ class SARInitialisation:
             return
         fname = find_pretrained_checkpoint(self.plans_manager.dataset_name, self.pretraining_variant,
                                            self.plans_manager.plans_name, self.configuration_name)
-        n = load_pretrained_into(self.network, fname, log=self.print_to_log_file)
-        self.print_to_log_file(f"SAR: loaded {n} pre-trained tensors (all but the seg layers) from {fname}")
+        n = load_pretrained_into(self.network, fname, log=self.print_to_log_file, parts=self.transfer_parts)
+        what = "all but the seg layers" if self.transfer_parts == "all" else \
+            "the encoder only; the decoder keeps nnU-Net's initialisation"
+        self.print_to_log_file(f"SAR: loaded {n} pre-trained tensors ({what}) from {fname}")
+        report = transfer_check_summary(fname)
+        if report:
+            self.print_to_log_file(report)
+
+
+class LearningRateWarmup:
+    """A linear learning-rate warm-up before nnU-Net's poly schedule, per iteration, as mainline nnU-Net
+    and Wald et al. (CVPR 2025) fine-tune pre-trained networks: early full-size steps (lr 1e-2, momentum
+    0.99) would overwrite what pre-training learned before the new segmentation layers fit it.
+
+    ``warmup`` 'linear': lr rises from initial_lr / W to initial_lr over the first W iterations, then
+    nnU-Net's poly schedule takes over. 'sawtooth': the decoder (and seg layers) warm up alone for W
+    iterations while the encoder stays put (lr 0), then the whole network warms up for W more. None: no
+    warm-up. W = ``warmup_fraction`` of all training iterations, at least ``min_warmup_iterations``
+    (nnU-Net's 1000 x 250 iterations: 12,500, i.e. 50 epochs; the demo's 3 x 10: 5)."""
+    warmup = "linear"
+    warmup_fraction = 0.05
+    min_warmup_iterations = 5
+
+    @property
+    def warmup_iterations(self) -> int:
+        total = self.num_epochs * self.num_iterations_per_epoch
+        return max(self.min_warmup_iterations, int(round(self.warmup_fraction * total)))
+
+    def configure_optimizers(self):
+        optimizer, lr_scheduler = super().configure_optimizers()
+        if self.warmup == "sawtooth":  # two groups, so that the encoder can wait while the decoder adapts
+            from nnunet_sar.checkpoint import encoder_keys, unwrap
+            module = unwrap(self.network)
+            enc = encoder_keys(module)
+            named = dict(module.named_parameters())
+            encoder_ids = {id(p) for k, p in named.items() if k in enc}
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            optimizer.param_groups.clear()  # no state yet: regroup with the optimizer's own defaults
+            optimizer.add_param_group({"params": [p for p in params if id(p) in encoder_ids], "name": "encoder"})
+            optimizer.add_param_group({"params": [p for p in params if id(p) not in encoder_ids], "name": "decoder"})
+        return optimizer, lr_scheduler
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.warmup not in ("linear", "sawtooth", None):
+            raise ValueError(f"unknown warmup {self.warmup!r}: 'linear', 'sawtooth' or None")
+        if self.warmup:
+            self.print_to_log_file(f"learning-rate warm-up '{self.warmup}': {self.warmup_iterations} iterations"
+                                   f"{' per phase (decoder alone, then all)' if self.warmup == 'sawtooth' else ''}"
+                                   f" up to {self.initial_lr}, then nnU-Net's poly schedule")
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # nnU-Net's poly step for this epoch
+        self._iteration_in_epoch = 0
+
+    def train_step(self, batch: dict) -> dict:
+        self.warmup_step()
+        return super().train_step(batch)
+
+    def warmup_step(self) -> None:
+        """Sets this iteration's learning rates (within the warm-up; afterwards nnU-Net's poly rules)."""
+        iteration = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
+        self._iteration_in_epoch += 1
+        if not self.warmup:
+            return
+        w = self.warmup_iterations
+        phase, k = divmod(iteration, w)
+        if self.warmup == "linear" and phase == 0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.initial_lr * (k + 1) / w
+        elif self.warmup == "sawtooth" and phase < 2:
+            for group in self.optimizer.param_groups:
+                frozen = phase == 0 and group.get("name") == "encoder"
+                group["lr"] = 0.0 if frozen else self.initial_lr * (k + 1) / w
+
+
+def transfer_check_summary(checkpoint_file: str) -> str | None:
+    """One line on what the pre-training run's transfer check measured (transfer_check.json beside the
+    checkpoint), or None when there is none."""
+    import json
+    import os
+    fname = os.path.join(os.path.dirname(os.path.abspath(checkpoint_file)), "transfer_check.json")
+    if not os.path.isfile(fname):
+        return None
+    with open(fname) as f:
+        r = json.load(f)
+    return (f"SAR transfer check ({fname}): restoration MSE on held-out cubes, pre-training network "
+            f"{r['pretraining_network']:.4g}, this (fine-tuning) network {r['finetuning_network']:.4g}, corrupted "
+            f"input {r['corrupted_input']:.4g}, cube mean {r['cube_mean']:.4g}: {r['verdict']}")
 
 
 class DemoSchedule:
@@ -38,8 +131,8 @@ class DemoSchedule:
         self.num_val_iterations_per_epoch = 3
 
 
-class nnUNetTrainerSAR(SARInitialisation, nnUNetTrainer):
-    """nnU-Net's default recipe, initialised from SAR pre-training."""
+class nnUNetTrainerSAR(SARInitialisation, LearningRateWarmup, nnUNetTrainer):
+    """nnU-Net's default recipe, initialised from SAR pre-training, with a learning-rate warm-up."""
 
 
 # ------------------------------------------------------------------ the paper's fine-tuning recipe (3.3)
@@ -66,6 +159,8 @@ class PaperFineTuning:
     regions are handled as in nnU-Net). The plateau state is not part of nnU-Net's checkpoint; on
     ``--c`` (resume) it is rebuilt by replaying the logged validation losses."""
 
+    warmup = None            # the paper's recipe has none (nnUNetTrainerSAR's warm-up is not applied here)
+    transfer_parts = "all"   # the paper transfers the encoder-decoder (3.3)
     plateau_factor = 0.5     # as the pre-training schedule (paper 3.3 names no values)
     plateau_patience = 10    # epochs (nnU-Net epochs: 250 iterations each)
     min_lr = 1e-6

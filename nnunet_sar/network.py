@@ -72,15 +72,14 @@ BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def build_pretraining_network(plans_manager, configuration_manager, num_channels: int = 1,
-                              norm: str = "batch") -> torch.nn.Module:
+                              norm: str = "instance") -> torch.nn.Module:
     """The pre-training U-Net: as many outputs as inputs (restoration), one output (no deep supervision).
 
-    ``norm='batch'`` swaps the plans' InstanceNorm for BatchNorm, as the paper's pre-training U-Net
-    (3.3). Instance norm standardises every channel of every sample, which erases exactly the feature
-    statistics that the global-average-pooling heads read (measured on phantoms: the scale head stays at
-    chance after 200 Adam steps with instance norm, 0.67 accuracy after 60 with batch norm). Both norms
-    have the same affine weight and bias, so apart from batch norm's running statistics (see
-    ``nnunet_weights``) the keys and shapes are exactly those of nnU-Net's network.
+    ``norm='instance'`` keeps the plans' own norm: the network nnU-Net fine-tunes then computes exactly
+    the function pre-trained here (the heads read features before the norm, see ``pretraining.model``).
+    ``norm='batch'`` swaps it for BatchNorm, as the paper's pre-training U-Net (3.3): same keys and shapes
+    (apart from batch norm's running statistics, see ``nnunet_weights``), but another function once nnU-Net
+    runs it with instance norm, which the transfer check measures.
     """
     if norm not in PRETRAINING_NORMS:
         raise SARError(f"unknown norm {norm!r}; choose from {', '.join(PRETRAINING_NORMS)}")

@@ -66,12 +66,16 @@ def _tumor_mask(rng, body_u, radius):
     return dist <= r
 
 
-def make_phantom(modality: str, shape=(48, 48, 48), tumor_size: str | None = "medium", seed: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def make_phantom(modality: str, shape=(48, 48, 48), tumor_size: str | None = "medium", seed: int = 0,
+                 tumor_contrast: float = 1.0, tumor_texture: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One volume: (image float32 of `shape`, label uint8 of `shape`, 1 = tumor).
 
     CT is in HU, clipped to [-1024, 3071]; MRI is FLAIR-like, >= 0, tumor hyperintense.
     `tumor_size` is one of TUMOR_SIZES or None (no tumor, label all 0).
+    Harder targets: `tumor_contrast` scales the tumor's difference from the tissue around it (0.25: a
+    quarter of it), `tumor_texture` adds voxel-wise heterogeneity inside the tumor with that standard
+    deviation relative to the tissue's value (MRI) or 100 HU (CT), so that texture tells it apart more
+    than the mean. The defaults give exactly the phantoms made before these options existed.
     """
     m = _modality(modality)
     if tumor_size is not None and tumor_size not in TUMOR_SIZES:
@@ -101,7 +105,12 @@ def make_phantom(modality: str, shape=(48, 48, 48), tumor_size: str | None = "me
         bone_yx = (rng.uniform(0.5, 0.6), rng.uniform(-0.05, 0.05))  # spine-like cylinder along axis 0
         bone = ((u[1] - bone_yx[0]) ** 2 + (u[2] - bone_yx[1]) ** 2 <= rng.uniform(0.1, 0.14) ** 2) & body
         img[bone] = CT_HU["bone"]
-        img[tumor] = CT_HU["tumor"]
+        if tumor_contrast == 1.0:
+            img[tumor] = CT_HU["tumor"]
+        else:
+            img[tumor] += tumor_contrast * (CT_HU["tumor"] - img[tumor])
+        if tumor_texture:
+            img[tumor] += 100.0 * tumor_texture * rng.standard_normal(int(tumor.sum())).astype(np.float32)
         img += rng.normal(0, CT_NOISE, shape).astype(np.float32)
         img = np.clip(img, *CT_RANGE)
     else:
@@ -109,7 +118,13 @@ def make_phantom(modality: str, shape=(48, 48, 48), tumor_size: str | None = "me
         inner_r = rng.uniform(0.65, 0.8, size=3)
         img[body] = MRI_VALUES["tissue_outer"]
         img[body & (_ellipsoid(u, rng.uniform(-0.1, 0.1, size=3), inner_r) <= 1)] = MRI_VALUES["tissue_inner"]
-        img[tumor] = MRI_VALUES["tumor"] * rng.uniform(0.9, 1.1)
+        tumor_value = MRI_VALUES["tumor"] * rng.uniform(0.9, 1.1)
+        if tumor_contrast == 1.0:
+            img[tumor] = tumor_value
+        else:
+            img[tumor] += tumor_contrast * (tumor_value - img[tumor])
+        if tumor_texture:
+            img[tumor] *= 1 + tumor_texture * rng.standard_normal(int(tumor.sum())).astype(np.float32)
         coef = rng.uniform(-0.12, 0.12, size=(2, 3))  # smooth multiplicative bias field in [0.7, 1.3]
         bias = 1 + sum(coef[0, i] * x[i] + coef[1, i] * x[i] ** 2 for i in range(3))
         img *= np.clip(bias, 0.7, 1.3)
@@ -132,12 +147,13 @@ def _write(arr: np.ndarray, path: str, spacing) -> None:
 
 def write_phantom_dataset(nnunet_raw: str, dataset_id: int, name: str, modality: str, num_training: int,
                           num_test: int = 0, shape=(48, 48, 48), spacing=(1.0, 1.0, 1.0), seed: int = 0,
-                          overwrite: bool = False) -> str:
+                          overwrite: bool = False, tumor_contrast: float = 1.0, tumor_texture: float = 0.0) -> str:
     """Writes nnunet_raw/DatasetXXX_name (imagesTr/labelsTr, imagesTs/labelsTs when num_test > 0, dataset.json); returns its folder.
 
     Cases are `case_000`, `case_001`, ... (test cases continue the numbering); tumor sizes cycle
     small/medium/large. `shape` and `spacing` are in nnU-Net's (numpy array) axis order. An existing
     non-empty folder raises FileExistsError unless `overwrite=True`, which replaces it.
+    `tumor_contrast` and `tumor_texture` as in ``make_phantom``.
     """
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -163,7 +179,8 @@ def write_phantom_dataset(nnunet_raw: str, dataset_id: int, name: str, modality:
         os.makedirs(os.path.join(folder, "labels" + suffix), exist_ok=True)
         for i in indices:
             case = f"case_{i + split * num_training:03d}"
-            img, seg = make_phantom(m, shape, TUMOR_SIZES[i % 3], _case_seed(seed, split, i))
+            img, seg = make_phantom(m, shape, TUMOR_SIZES[i % 3], _case_seed(seed, split, i), tumor_contrast,
+                                    tumor_texture)
             _write(img, os.path.join(folder, "images" + suffix, f"{case}_0000.nii.gz"), spacing)
             _write(seg, os.path.join(folder, "labels" + suffix, f"{case}.nii.gz"), spacing)
 

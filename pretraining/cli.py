@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data loading worker processes [nnUNet_n_proc_DA, else 4 on a GPU and 0 on the CPU]")
     p.add_argument("--cache-dir", default=None, help="preprocessed sources [$nnUNet_preprocessed/nnUNetSAR_sources]")
     p.add_argument("--norm", default=d.norm, choices=["batch", "instance"],
-                   help="normalisation while pre-training: batch (paper 3.3) or the plans' instance norm [%(default)s]")
+                   help="normalisation while pre-training: the plans' own (instance norm, what nnU-Net fine-tunes) or batch "
+                        "(the paper's U-Net, 3.3; does not transfer to nnU-Net's instance norm, see the transfer "
+                        "check) [%(default)s]")
     p.add_argument("--seed", type=int, default=d.seed, help="[%(default)s]")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="[%(default)s]")
     p.add_argument("-num_gpus", type=int, default=1,

@@ -32,6 +32,7 @@ from nnunet_sar.pretraining.logger import SARLogger
 from nnunet_sar.pretraining.model import SARNetwork
 from nnunet_sar.pretraining.objective import VARIANTS, SARObjective
 from nnunet_sar.pretraining.sources import preprocess_sources, split_train_val
+from nnunet_sar.pretraining.transfer_check import check_transfer
 
 
 def _tune_malloc_in_worker(worker_id: int):
@@ -65,7 +66,7 @@ class PretrainSettings:
     plateau_factor: float = 0.5
     num_workers: int = 0
     cache_dir: str | None = None
-    norm: str = "batch"                 # the paper pre-trains with batch norm; "instance": the plans' norm
+    norm: str = "instance"              # the plans' own norm, so nnU-Net fine-tunes the function pre-trained here
     seed: int = 12345
     device: str = "cuda"
 
@@ -132,10 +133,10 @@ class SARPretrainer:
             raise SARError(f"{self.total_train_volumes} training volumes cannot be shared by {self.world_size} ranks")
         self.modalities = sorted({v.modality for v in volumes})
         self.adversarial = self.variant.adversarial
-        if s.norm == "batch" and self.batch_size < 8 and (self.variant.scale_loss or self.adversarial):
-            warnings.warn(f"batch size {self.batch_size}: S and M read batch-normalised features, and so few cubes per "
-                          f"batch hide scale and modality differences; consider --patch-size 64 64 32 (paper) or "
-                          f"--batch-size 8 or more")
+        if self.batch_size < 8 and self.adversarial:
+            warnings.warn(f"batch size {self.batch_size}: M normalises its features over the batch, and so few cubes "
+                          f"per batch hide modality differences; consider --patch-size 32 64 64 (the paper's cube) "
+                          f"or --batch-size 8 or more")
         if self.adversarial and len(self.modalities) < 2:
             warnings.warn(f"all sources are {self.modalities[0]}: the adversarial term has nothing to separate and is "
                           f"left out of this run")
@@ -311,8 +312,11 @@ class SARPretrainer:
             self.on_epoch_end(start, train, val)
         if self.is_ddp:
             self._check_ranks_agree()
-        self.save_checkpoint(join(self.output_folder, "checkpoint_final.pth"))
-        self.print_to_log_file(f"done: {join(self.output_folder, 'checkpoint_final.pth')}")
+        final = join(self.output_folder, "checkpoint_final.pth")
+        self.save_checkpoint(final)
+        if self.rank == 0:  # does nnU-Net's network do what this one learned? (transfer_check.json / .png)
+            check_transfer(final, self.val_batch, self.batch_size, self.device, log=self.print_to_log_file)
+        self.print_to_log_file(f"done: {final}")
 
     def _check_ranks_agree(self):
         """DDP keeps the weights identical on every rank; verified once at the end, and logged."""

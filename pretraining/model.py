@@ -6,11 +6,40 @@ from torch import nn
 from nnunet_sar.heads import ModalityDiscriminator, ScaleHead, reverse_gradient
 
 
+class PreNormFeatures:
+    """Each encoder stage's last convolution output *before* its norm, captured by forward hooks.
+
+    The heads read these rather than the stage outputs: nnU-Net's instance norm standardises every
+    channel of every cube, so after it the global statistics that S and M pool are nearly constant.
+    Before the norm they still carry the cube's intensity and texture, and the gradient of the heads
+    still reaches the encoder through the same convolutions. A stage without a norm gives its output."""
+
+    def __init__(self, encoder: nn.Module):
+        self.captured: dict[int, torch.Tensor] = {}
+        norm_type = getattr(encoder, "norm_op", None)
+        for i, stage in enumerate(encoder.stages):
+            norms = [m for m in stage.modules() if norm_type is not None and isinstance(m, norm_type)]
+            if norms:
+                norms[-1].register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def store(module, inputs, output):
+            self.captured[i] = inputs[0]
+        return store
+
+    def collect(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The captured features of this forward pass (stage output where nothing was captured)."""
+        feats = [self.captured.get(i, s) for i, s in enumerate(skips)]
+        self.captured.clear()
+        return feats
+
+
 class SARNetwork(nn.Module):
     def __init__(self, unet: nn.Module, num_scales: int = 3, num_modalities: int = 2,
                  scale_head: bool = True, discriminator: bool = True):
         super().__init__()
         self.unet = unet
+        self.features = PreNormFeatures(unet.encoder)
         self.scale_head = ScaleHead(unet.encoder.output_channels[-1], num_scales) if scale_head else None
         self.discriminator = ModalityDiscriminator(unet.encoder, num_modalities) if discriminator else None
 
@@ -18,10 +47,11 @@ class SARNetwork(nn.Module):
         """Returns (restoration logits, scale logits or None, modality logits or None). The encoder
         receives -adv_weight times M's gradient (adv_weight 0: M is a mere probe of the features)."""
         skips = self.unet.encoder(x)
+        feats = self.features.collect(skips)
         restored = self.unet.decoder(skips)
-        scale = self.scale_head(skips[-1]) if self.scale_head is not None else None
+        scale = self.scale_head(feats[-1]) if self.scale_head is not None else None
         modality = None
         if self.discriminator is not None:
-            taps = {i: reverse_gradient(skips[i], adv_weight) for i in self.discriminator.taps}
+            taps = {i: reverse_gradient(feats[i], adv_weight) for i in self.discriminator.taps}
             modality = self.discriminator([taps.get(i) for i in range(len(skips))])
         return restored, scale, modality

@@ -76,3 +76,7 @@ def tiny_plans(planned_target):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ROOT, ignore_errors=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes of CPU training; `pytest -m 'not slow'` is the fast subset")

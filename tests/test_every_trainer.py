@@ -17,7 +17,13 @@ VARIANT_OF = {  # trainer -> the pre-training variant it starts from (None: from
     "nnUNetTrainerSAR_MIALonly": "mial", "nnUNetTrainerSAR_scale2": "scale2", "nnUNetTrainerSAR_scale4": "scale4",
     "nnUNetTrainerSAR_scale8": "scale8", "nnUNetTrainerSAR_paperFT": "sar", "nnUNetTrainer_paperFT": None,
     **{f"nnUNetTrainerSAR_frac{k}": "sar" for k in FRACTIONS}, **{f"nnUNetTrainer_frac{k}": None for k in FRACTIONS},
+    "nnUNetTrainerSAR_noWarmup": "sar", "nnUNetTrainerSAR_fullTransfer": "sar", "nnUNetTrainerSAR_sawtooth": "sar",
+    "nnUNetTrainerSAR_fullTransfer_noWarmup": "sar",
 }
+FULL_TRANSFER = {"nnUNetTrainerSAR_paperFT", "nnUNetTrainerSAR_fullTransfer", "nnUNetTrainerSAR_sawtooth",
+                 "nnUNetTrainerSAR_fullTransfer_noWarmup"}  # the others: encoder only (the default)
+NO_WARMUP = {"nnUNetTrainerSAR_paperFT", "nnUNetTrainerSAR_noWarmup", "nnUNetTrainerSAR_fullTransfer_noWarmup"}
+DECODER_KEY = "decoder.transpconvs.0.weight"
 FIRST_CONV = "encoder.stages.0.0.convs.0.conv.weight"
 REPORTED = ("nnUNetTrainerSAR", "nnUNetTrainer_paperFT", "nnUNetTrainerSAR_frac2")  # also validated, as nnUNetv2_train does
 
@@ -73,7 +79,13 @@ def test_trainer_starts_from_its_variant_trains_and_predicts(trained, variant_ch
               for v, f in variant_checkpoints.items()}
     assert loaded == {v: v == variant for v in variant_checkpoints}
     if variant:
-        assert f"pre-trained tensors (all but the seg layers) from {variant_checkpoints[variant]}" in run["log"]
+        ckpt = torch.load(variant_checkpoints[variant], weights_only=False)["network_weights"]
+        encoder_only = name not in FULL_TRANSFER
+        assert torch.equal(run["start"][DECODER_KEY], ckpt[DECODER_KEY]) != encoder_only  # decoder: transferred or fresh
+        what = "the encoder only; the decoder keeps nnU-Net's initialisation" if encoder_only else "all but the seg layers"
+        assert f"pre-trained tensors ({what}) from {variant_checkpoints[variant]}" in run["log"]
+        assert "SAR transfer check (" in run["log"]  # the check's figures, read from beside the checkpoint
+        assert ("learning-rate warm-up" in run["log"]) == (name not in NO_WARMUP)
     # trained: nnU-Net's checkpoint_final of this trainer, one finite training loss, weights moved
     final = run["final"]
     assert final["trainer_name"] == name and final["current_epoch"] == 1

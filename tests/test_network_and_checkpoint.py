@@ -39,7 +39,7 @@ def test_network_equals_the_one_nnunet_trainer_builds(planned_target, planner, p
     assert _shapes(ours) == _shapes(trainer.network)
     expected_class = "ResidualEncoderUNet" if planner else "PlainConvUNet"
     assert type(ours).__name__ == expected_class
-    for norm in ("batch", "instance"):  # batch norm for pre-training (paper 3.3), instance norm as the plans say
+    for norm in ("batch", "instance"):  # batch norm as the paper's pre-training (3.3), instance norm as the plans say
         pre = _shapes(build_pretraining_network(pm, cm, 1, norm=norm))
         pre = nnunet_weights(pre) if norm == "batch" else pre
         assert pre.keys() == _shapes(ours).keys()
@@ -47,6 +47,8 @@ def test_network_equals_the_one_nnunet_trainer_builds(planned_target, planner, p
         assert differ and all(".seg_layers." in k for k in differ)  # restoration: 1 output instead of 2 classes
         assert pre["decoder.seg_layers.0.weight"][0] == 1
     norms = {type(m).__name__ for m in build_pretraining_network(pm, cm, 1).modules()}
+    assert "InstanceNorm3d" in norms and "BatchNorm3d" not in norms  # the default: the plans' own norm
+    norms = {type(m).__name__ for m in build_pretraining_network(pm, cm, 1, norm="batch").modules()}
     assert "BatchNorm3d" in norms and "InstanceNorm3d" not in norms
 
 

@@ -54,8 +54,8 @@ def test_discriminator_is_fed_densely_and_plays_against_the_encoder(tiny_plans):
     assert torch.allclose(grads[2.0][0], 2 * grads[1.0][0], atol=1e-6)  # the encoder's share scales with the weight
     assert torch.allclose(grads[2.0][1], grads[1.0][1])  # M's own gradient does not
     net.zero_grad()
-    skips = enc(x)  # without reversal: the encoder gradient has the opposite sign
-    torch.nn.functional.cross_entropy(m(skips), torch.tensor([0, 1, 2, 0])).backward()
+    feats = net.features.collect(enc(x))  # without reversal: the encoder gradient has the opposite sign
+    torch.nn.functional.cross_entropy(m(feats), torch.tensor([0, 1, 2, 0])).backward()
     assert torch.allclose(enc.stages[1][0].convs[0].conv.weight.grad, -grads[1.0][0], atol=1e-6)
 
 
@@ -69,6 +69,7 @@ def _scale_recall(t) -> list[float]:
     return [float((pred[v["scale"] == k] == k).float().mean()) for k in range(3)]
 
 
+@pytest.mark.slow
 def test_restoration_and_scale_learn_on_phantoms(tiny_plans, results):
     """240 SGD steps on a tiny network: L_res and L_scale fall from their start, and S tells the crop
     scales of held-out cubes apart: balanced accuracy well above chance (1/3; a constant "small" guess
@@ -91,6 +92,7 @@ def test_restoration_and_scale_learn_on_phantoms(tiny_plans, results):
     assert isfile(join(t.output_folder, "progress.png")) and isfile(join(t.output_folder, "checkpoint_best.pth"))
 
 
+@pytest.mark.slow
 def test_discriminator_separates_modalities_only_without_the_adversarial_term(tiny_plans, tmp_path, nnunet_folders):
     """Eq. 3's game, measured. M as a mere probe (--adv-weight 0) learns to tell CT from MRI phantoms on
     held-out volumes; with the adversarial term the encoder hides the modality and M's held-out accuracy
@@ -98,8 +100,12 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
     out, 128 fixed validation cubes): 16^3 cubes, batch 16, 640 SGD steps, corruptions off; accuracy =
     mean of the last 8 epochs. M's learning rate is 0.1 here, not the paper's 1e-3, which is made for
     the paper's millions of cubes. The reversal weight is 3: at the default 1 the encoder hides the
-    modality too, but less steadily in so short a run (measured, 3 runs: 0.51-0.57 against 0.70-0.75 as
-    a probe), too close for a test that must not depend on float rounding; at 3 it stayed at 0.50."""
+    modality too, but less steadily in so short a run (measured with batch norm, 3 runs: 0.51-0.57 against
+    0.70-0.75 as a probe), too close for a test that must not depend on float rounding; at 3 it stayed at
+    0.50. Since pre-training keeps the plans' instance norm (the transfer issue), M reads the encoder's
+    features before their norm and the probe is weaker: measured 0.63 against 0.51 (gap 0.118; batch norm
+    gave 0.70 against 0.50), so the gap asserted is 0.10, not 0.12: instance norm removes each cube's
+    intensity level, the plainest modality cue, after the first stage."""
     import subprocess
     from conftest import exe
     from nnunet_sar.phantoms import write_phantom_dataset
@@ -128,7 +134,7 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
     print("held-out accuracy of M with adv-weight 0 and 3:", accuracy)
     assert accuracy["0"] >= 0.62, accuracy  # M separates the modalities of held-out volumes
     assert accuracy["3"] <= 0.56, accuracy  # the encoder hides them from M
-    assert accuracy["0"] - accuracy["3"] >= 0.12, accuracy
+    assert accuracy["0"] - accuracy["3"] >= 0.10, accuracy
 
 
 def test_variant_genesis_writes_its_own_run_without_heads(tiny_plans, results):

@@ -1,4 +1,6 @@
-"""Short CPU schedules for nnunet_sar_demo and the tests: SAR and its from-scratch baseline."""
+"""Short CPU schedules (3 epochs of 10 iterations) for nnunet_sar_demo, the tests and the transfer
+benchmark: SAR with each transfer choice, Genesis and the from-scratch baseline. (Each repeats the
+attributes of its full-length trainer: nnU-Net imports a trainer module by file, not as a package.)"""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sar.finetuning import DemoSchedule, nnUNetTrainerSAR
@@ -6,6 +8,26 @@ from nnunet_sar.finetuning import DemoSchedule, nnUNetTrainerSAR
 
 class nnUNetTrainerSAR_demo(DemoSchedule, nnUNetTrainerSAR):
     pass
+
+
+class nnUNetTrainerSAR_noWarmup_demo(DemoSchedule, nnUNetTrainerSAR):
+    warmup = None
+
+
+class nnUNetTrainerSAR_fullTransfer_demo(DemoSchedule, nnUNetTrainerSAR):
+    transfer_parts = "all"
+
+
+class nnUNetTrainerSAR_sawtooth_demo(DemoSchedule, nnUNetTrainerSAR):
+    transfer_parts, warmup = "all", "sawtooth"
+
+
+class nnUNetTrainerSAR_fullTransfer_noWarmup_demo(DemoSchedule, nnUNetTrainerSAR):
+    transfer_parts, warmup = "all", None
+
+
+class nnUNetTrainerGenesis_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "genesis"
 
 
 class nnUNetTrainer_demo(DemoSchedule, nnUNetTrainer):

@@ -1,0 +1,201 @@
+"""``nnunet_sar_benchmark --transfer``: does the pre-trained start help nnU-Net? Measured end to end.
+
+Phantom targets (evidence about the pipeline, not about real tumours):
+- ``demo``: the demo's own target (bright MRI blob; 10 labelled cases, fold 0 trains on 8; 4 test cases);
+- ``faint``: a tumour that differs from the tissue around it mostly by texture (a quarter of the demo's
+  contrast, voxel-wise heterogeneity 0.25): 5 labelled cases, fold 0 trains on 4; 6 test cases;
+- ``bright``: the same few-label set-up with the demo's full contrast and the same texture.
+Each repeat pre-trains with the demo's settings (3 x 10 steps of 8 cubes of 32^3, lr 0.1; sources: the
+demo's CT and MRI phantoms) once per pre-training arm, then fine-tunes every arm with the demo's schedule
+(3 epochs x 10 iterations, fold 0) through ``nnUNetv2_train`` (``nnUNet_SAR_checkpoint`` hands the one
+checkpoint to every target: their plans build the same network), predicts the test cases with nnU-Net's
+predictor and scores Dice. Reported: test Dice mean +- sd over repeats, and nnU-Net's pseudo Dice after
+the first epoch (10 iterations), where a stalled start shows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from os.path import isfile, join
+
+# arm: (fine-tuning trainer, pre-training run it starts from or None)
+ARMS = {
+    "scratch": ("nnUNetTrainer_demo", None),
+    "genesis": ("nnUNetTrainerGenesis_demo", "genesis_instance"),
+    "sar": ("nnUNetTrainerSAR_demo", "sar_instance"),  # the default: encoder only, linear warm-up
+    "sar_noWarmup": ("nnUNetTrainerSAR_noWarmup_demo", "sar_instance"),
+    "sar_fullTransfer": ("nnUNetTrainerSAR_fullTransfer_demo", "sar_instance"),
+    "sar_sawtooth": ("nnUNetTrainerSAR_sawtooth_demo", "sar_instance"),
+    "sar_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_instance"),
+    "sar_batchnorm_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_batch"),  # before
+}
+PRETRAININGS = {"sar_instance": ("sar", "instance"), "sar_batch": ("sar", "batch"),
+                "genesis_instance": ("genesis", "instance")}
+TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
+    "demo": (901, 10, 4, 1.0, 0.0, 1),
+    "faint": (911, 5, 6, 0.25, 0.25, 21),
+    "bright": (912, 5, 6, 1.0, 0.25, 22),
+}
+SOURCES = ((902, "SARPhantomCT", "CT"), (903, "SARPhantomMRI", "MRI"))
+
+
+def _exe(name: str) -> str:
+    candidate = join(os.path.dirname(sys.executable), name)
+    return candidate if os.path.exists(candidate) else name
+
+
+def _run(cmd: list, env: dict, log_file: str) -> None:
+    with open(log_file, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({done.returncode}); see {log_file}")
+
+
+def prepare(root: str, targets: list[str], env: dict, log_file: str) -> dict:
+    from nnunet_sar.phantoms import write_phantom_dataset
+    raw = env["nnUNet_raw"]
+    for sid, sname, modality in SOURCES:  # as nnunet_sar_demo
+        if not os.path.isdir(join(raw, f"Dataset{sid:03d}_{sname}")):
+            write_phantom_dataset(raw, sid, sname, modality, num_training=6, shape=(32, 48, 48),
+                                  spacing=(1.5, 1.0, 1.0), seed=100 + sid)
+    names = {}
+    for t in targets:
+        tid, n_tr, n_ts, contrast, texture, seed = TARGETS[t]
+        name = f"SARBench{t.capitalize()}" if t != "demo" else "SARPhantomTumorMRI"
+        names[t] = f"Dataset{tid:03d}_{name}"
+        if not isfile(join(env["nnUNet_preprocessed"], names[t], "nnUNetPlans.json")):
+            write_phantom_dataset(raw, tid, name, "MRI", num_training=n_tr, num_test=n_ts, shape=(48, 48, 48),
+                                  seed=seed, tumor_contrast=contrast, tumor_texture=texture, overwrite=True)
+            _run([_exe("nnUNetv2_plan_and_preprocess"), "-d", str(tid), "-c", "3d_fullres", "-np", "2"],
+                 {**env, "nnUNet_n_proc_DA": "1"}, log_file)
+    return names
+
+
+def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str) -> str:
+    """One pre-training run as the demo makes it; returns a copy of its checkpoint (with its transfer check)."""
+    variant, norm = PRETRAININGS[key]
+    tid = first_target.split("_")[0][len("Dataset"):]
+    _run([_exe("nnunet_sar_pretrain"), "-d", tid, "--sources", *[str(s[0]) for s in SOURCES], "--variant", variant,
+          "--norm", norm, "--epochs", "3", "--iters-per-epoch", "10", "--patch-size", "32", "32", "32",
+          "--batch-size", "8", "--lr-unet", "0.1", "--seed", str(1000 + repeat), "-device", "cpu", "--overwrite"],
+         env, log_file)
+    from nnunet_sar.checkpoint import pretrain_output_folder
+    folder = pretrain_output_folder(first_target, variant, "nnUNetPlans", "3d_fullres")
+    keep = join(env["nnUNet_results"], "pretrained", f"{key}_r{repeat}")
+    os.makedirs(keep, exist_ok=True)
+    for f in ("checkpoint_final.pth", "transfer_check.json"):
+        os.replace(join(folder, f), join(keep, f))
+    return join(keep, "checkpoint_final.pth")
+
+
+def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: dict, log_file: str) -> dict:
+    """nnUNetv2_train fold 0, then Dice of nnU-Net's predictions on the target's test cases."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    tid = target.split("_")[0][len("Dataset"):]
+    run_env = {**env, "nnUNet_n_proc_DA": "0"}
+    run_env.pop("nnUNet_SAR_checkpoint", None)
+    if checkpoint:
+        run_env["nnUNet_SAR_checkpoint"] = checkpoint
+    _run([_exe("nnUNetv2_train"), tid, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], run_env, log_file)
+    model = join(env["nnUNet_results"], target, f"{trainer}__nnUNetPlans__3d_fullres")
+    log = torch.load(join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)["logging"]
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model, (0,), "checkpoint_final.pth")
+    raw = join(env["nnUNet_raw"], target)
+    pred = join(model, "test_predictions")
+    predictor.predict_from_files(join(raw, "imagesTs"), pred, save_probabilities=False, overwrite=True,
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    dice = []
+    for f in sorted(os.listdir(join(raw, "labelsTs"))):
+        gt = sitk.GetArrayFromImage(sitk.ReadImage(join(raw, "labelsTs", f))) > 0
+        pr = sitk.GetArrayFromImage(sitk.ReadImage(join(pred, f))) > 0
+        dice.append(2 * float((gt & pr).sum()) / max(1.0, float(gt.sum() + pr.sum())))
+    return {"test_dice": float(np.mean(dice)), "test_dice_per_case": dice,
+            "pseudo_dice_per_epoch": [float(d) for d in log["mean_fg_dice"]],
+            "train_loss_per_epoch": [float(x) for x in log["train_losses"]]}
+
+
+def _mean_sd(xs):
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def table(results: dict, arms: list, targets: list) -> str:
+    lines = ["| arm | " + " | ".join(f"{t}: test Dice | {t}: pseudo Dice, epoch 1" for t in targets) + " |",
+             "|---|" + "---|---|" * len(targets)]
+    for arm in arms:
+        cells = []
+        for t in targets:
+            runs = results.get(t, {}).get(arm, [])
+            if not runs:
+                cells += ["", ""]
+                continue
+            d, e1 = _mean_sd([r["test_dice"] for r in runs]), _mean_sd([r["pseudo_dice_per_epoch"][0] for r in runs])
+            cells += [f"{d[0]:.3f} +- {d[1]:.3f} (n={len(runs)})", f"{e1[0]:.2f} +- {e1[1]:.2f}"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nnunet_sar_benchmark --transfer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="[all]")
+    p.add_argument("--targets", nargs="+", default=["demo", "faint"], choices=list(TARGETS), help="[demo faint]")
+    p.add_argument("--repeats", type=int, default=3, help="[%(default)s]")
+    p.add_argument("-o", "--output", default=None, help="working folder [a new temporary folder]")
+    p.add_argument("--json", default=None, help="write all results here (also written into the working folder)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    root = os.path.abspath(args.output or tempfile.mkdtemp(prefix="nnunet_sar_transfer_benchmark_"))
+    env = dict(os.environ)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[k] = os.environ[k] = join(root, k)
+        os.makedirs(env[k], exist_ok=True)
+    env.update({"nnUNet_compile": "0", "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", "2")})
+    log_file = join(root, "benchmark_log.txt")
+    out_json = join(root, "transfer_benchmark.json")
+    results = json.load(open(out_json)) if isfile(out_json) else {}  # a rerun in the same folder continues
+    t0 = time.time()
+    print(f"transfer benchmark in {root} (log: {log_file})", flush=True)
+    names = prepare(root, args.targets, env, log_file)
+    needed = sorted({ARMS[a][1] for a in args.arms if ARMS[a][1]})
+    for r in range(args.repeats):
+        ckpts = {key: pretrain(names[args.targets[0]], key, r, env, log_file) for key in needed}
+        checks = {key: json.load(open(join(os.path.dirname(c), "transfer_check.json"))) for key, c in ckpts.items()}
+        results.setdefault("transfer_checks", {}).setdefault(str(r), checks)
+        for t in args.targets:
+            for arm in args.arms:
+                done = results.setdefault(t, {}).setdefault(arm, [])
+                if len(done) > r:
+                    continue
+                trainer, key = ARMS[arm]
+                res = finetune_and_score(names[t], trainer, ckpts.get(key), env, log_file)
+                done.append(res)
+                print(f"[{time.time() - t0:6.0f} s] repeat {r + 1}/{args.repeats} {t:6s} {arm:24s} test Dice "
+                      f"{res['test_dice']:.3f}  pseudo Dice per epoch "
+                      f"{' '.join(f'{d:.2f}' for d in res['pseudo_dice_per_epoch'])}", flush=True)
+                json.dump(results, open(out_json, "w"), indent=1)
+    text = table(results, args.arms, args.targets)
+    print("\n" + text)
+    print(f"\ndone in {time.time() - t0:.0f} s; phantom targets: evidence about the pipeline, not about tumours")
+    if args.json:
+        json.dump(results, open(args.json, "w"), indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
