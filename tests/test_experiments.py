@@ -131,6 +131,40 @@ def test_fractions_are_nested_seeded_identical_and_sized(planned_target, tmp_pat
     assert nested_fraction(reversed(train), 5) == subsets["nnUNetTrainer", 5]  # order of the split file irrelevant
 
 
+def test_paper_plateau_never_reads_the_scored_cases(planned_target, tmp_path):
+    """*_paperFT: ReduceLROnPlateau steps on nnU-Net's per-epoch validation loss, so that validation must
+    be carved from the fold's training cases (seeded, recorded), disjoint from the cases that the final
+    validation scores (with nnunet_sar_split: the test cases). With TrainingFraction it is carved from
+    the fraction."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_sar.finetuning import PaperFineTuning, TrainingFraction, nested_fraction
+    cases = [f"case_{i:03d}" for i in range(150)]
+    train, val = cases[:100], cases[100:]
+    json.dump([{"train": train, "val": val}], open(tmp_path / "splits_final.json", "w"))
+    plain = _trainer("nnUNetTrainer_paperFT")
+    combined = type("nnUNetTrainer_paperFT_frac2", (PaperFineTuning, TrainingFraction, nnUNetTrainer),
+                    {"fraction_denominator": 2})({**plain.plans_manager.plans, "continue_training": False}, "3d_fullres",
+                                                 0, plain.dataset_json, torch.device("cpu"))
+    seen = {}
+    for name, t, n_train in (("plain", plain, 100), ("frac2", combined, 50)):
+        t.preprocessed_dataset_folder_base = str(tmp_path)  # the fake split; the real dataset is untouched
+        t.output_folder = str(tmp_path / name)
+        dataset_tr, dataset_plateau = t.get_tr_and_val_datasets()
+        _, scored = t.do_split()  # what perform_actual_validation scores
+        tr, plateau = list(dataset_tr.identifiers), list(dataset_plateau.identifiers)
+        assert scored == val and not set(plateau) & set(scored) and not set(tr) & set(scored)
+        assert not set(tr) & set(plateau) and len(plateau) == n_train // 5 and len(tr) + len(plateau) == n_train
+        recorded = json.load(open(tmp_path / name / "plateau_split.json"))
+        assert recorded["plateau_validation"] == plateau and recorded["train"] == tr and recorded["scored_validation"] == val
+        with open(t.log_file) as f:
+            assert f"validation loss of {n_train // 5} of the {n_train} training cases" in f.read()
+        seen[name] = plateau
+    assert set(seen["frac2"]) < set(nested_fraction(train, 2))
+    again = _trainer("nnUNetTrainer_paperFT")
+    again.preprocessed_dataset_folder_base, again.output_folder = str(tmp_path), str(tmp_path / "again")
+    assert list(again.get_tr_and_val_datasets()[1].identifiers) == seen["plain"]  # seeded
+
+
 # ------------------------------------------------------------------------------ multi-channel targets
 def test_single_channel_checkpoint_adapts_to_four_channels(planned_target):
     from nnunet_sar.finetuning import adapt_input_channels
