@@ -295,11 +295,10 @@ def test_convert_source(tmp_path, nnunet_folders, capsys, layout):
     d = tmp_path / layout
     arr = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
     if layout == "LUNA16":
-        (d / "subset0").mkdir(parents=True)
-        (d / "subset1").mkdir()
-        _img(d / "subset0" / "1.3.6.1.111.mhd", arr)
-        _img(d / "subset1" / "1.3.6.1.222.mhd", arr)
-        names, ending, mod = ["1.3.6.1.111", "1.3.6.1.222"], ".nii.gz", "CT"
+        for k in (0, 1, 7):
+            (d / f"subset{k}").mkdir(parents=True)
+            _img(d / f"subset{k}" / f"1.3.6.1.{k}.mhd", arr)
+        names, ending, mod = ["1.3.6.1.0", "1.3.6.1.1"], ".nii.gz", "CT"  # subsets 0-6 by default (the paper's 623)
     elif layout == "LiTS":
         (d / "batch1").mkdir(parents=True)
         for i in (0, 1, 2):
@@ -309,12 +308,15 @@ def test_convert_source(tmp_path, nnunet_folders, capsys, layout):
     else:
         (d / "imagesTr").mkdir(parents=True)
         (d / "labelsTr").mkdir()
+        (d / "imagesTs").mkdir()
         _img(d / "imagesTr" / "la_003.nii.gz", arr)
+        _img(d / "imagesTs" / "la_001.nii.gz", arr)  # unlabeled test images count (Heart: 20 + 10 = 30 cases)
         (d / "imagesTr" / "._la_003.nii.gz").write_bytes(b"\0")  # macOS resource fork shipped with MSD
-        names, ending, mod = ["la_003"], ".nii.gz", "MRI"
+        names, ending, mod = ["la_001", "la_003"], ".nii.gz", "MRI"
     did = {"LUNA16": 861, "LiTS": 862, "MSD": 863}[layout]
     main_convert_source(["-i", str(d), "-d", str(did), "-n", layout, "-m", mod.lower()])
     out = join(nnunet_folders["nnUNet_raw"], f"Dataset{did}_{layout}")
+    assert capsys.readouterr().out.strip() == f"wrote {out}: {len(names)} cases"
     dj = json.load(open(join(out, "dataset.json")))
     assert dj["channel_names"] == {"0": mod} and dj["file_ending"] == ending
     assert sorted(os.listdir(join(out, "imagesTr"))) == [f"{n}_0000{ending}" for n in names]
@@ -322,11 +324,18 @@ def test_convert_source(tmp_path, nnunet_folders, capsys, layout):
     vols = list_source_images(f"Dataset{did}_{layout}")
     assert [v[2] for v in vols] == names and {v[4] for v in vols} == {mod}
     if layout == "LUNA16":
-        os.remove(d / "subset1" / "1.3.6.1.222.raw")
+        main_convert_source(["-i", str(d), "-d", "865", "-n", "LUNA16b", "-m", "CT", "--subsets", "1,7"])
+        assert sorted(os.listdir(join(nnunet_folders["nnUNet_raw"], "Dataset865_LUNA16b", "imagesTr"))) == \
+            ["1.3.6.1.1_0000.nii.gz", "1.3.6.1.7_0000.nii.gz"] and "2 cases" in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            main_convert_source(["-i", str(d), "-d", "864", "-n", "X", "-m", "CT", "--subsets", "8-9"])
+        err = capsys.readouterr().err.strip()
+        assert "--subsets 8 9" in err and "[0, 1, 7]" in err and "\n" not in err
+        os.remove(d / "subset1" / "1.3.6.1.1.raw")
         with pytest.raises(SystemExit):
             main_convert_source(["-i", str(d), "-d", "864", "-n", "X", "-m", "CT"])
         err = capsys.readouterr().err.strip()
-        assert "1.3.6.1.222.raw" in err and "\n" not in err
+        assert "1.3.6.1.1.raw" in err and "\n" not in err
         with pytest.raises(SystemExit):
             main_convert_source(["-i", str(tmp_path / "LiTS" / "missing"), "-d", "864", "-n", "X", "-m", "CT"])
         assert "does not exist" in capsys.readouterr().err
