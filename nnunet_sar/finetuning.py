@@ -197,7 +197,7 @@ class PaperFineTuning:
             raise SARError(f"fold {self.fold} has {len(tr_keys)} training case(s); the plateau's validation split "
                            f"needs at least 2")
         plateau = nested_fraction(tr_keys, self.plateau_denominator, self.plateau_seed)
-        train = [k for k in tr_keys if k not in set(plateau)]
+        train = sorted(set(tr_keys) - set(plateau))
         record = {"seed": self.plateau_seed, "fraction": f"1/{self.plateau_denominator}", "train": train,
                   "plateau_validation": plateau, "scored_validation": sorted(val_keys)}
         if self.local_rank == 0:

@@ -24,7 +24,7 @@ from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, 
 from torch.utils.data import DataLoader
 
 from nnunet_sar import SARError, __version__
-from nnunet_sar.checkpoint import atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder, unwrap
+from nnunet_sar.checkpoint import CHECKPOINT_ENV, atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder, unwrap
 from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
 from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions, tune_malloc
 from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, SCALE_NAMES, MultiScaleCubes, check_patch_size,
@@ -370,6 +370,21 @@ class SARPretrainer:
         if self.rank == 0:  # does nnU-Net's network do what this one learned? (transfer_check.json / .png)
             check_transfer(final, self.val_batch, self.batch_size, self.device, log=self.print_to_log_file)
         self.print_to_log_file(f"done: {final}")
+        self.print_to_log_file(self.handed_on())
+
+    def handed_on(self) -> str:
+        """Which weights fine-tuning loads. The last epoch's: the plateau schedule has by then shrunk the
+        steps, so it differs from the lowest validation loss mostly by the noise of a few fixed cubes (on
+        which that minimum is selected, the scheduled loss without the adversarial term); and the transfer
+        check measured this file. Models Genesis hands on its best validation model instead."""
+        losses = self.logger.my_fantastic_logging["val_loss"]
+        if not losses:
+            return "fine-tuning (nnUNetTrainerSAR*) loads checkpoint_final.pth (no epoch trained)"
+        best = int(np.argmin(losses))
+        return (f"fine-tuning (nnUNetTrainerSAR*) loads checkpoint_final.pth (epoch {len(losses)}, validation loss "
+                f"{losses[-1]:.4g}); the lowest validation loss, {losses[best]:.4g} at epoch {best + 1}, is in "
+                f"checkpoint_best.pth: {CHECKPOINT_ENV}={join(self.output_folder, 'checkpoint_best.pth')} hands that "
+                f"on instead (Models Genesis' choice)")
 
     def _check_ranks_agree(self):
         """DDP keeps the weights identical on every rank; verified once at the end, and logged."""

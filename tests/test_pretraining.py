@@ -145,6 +145,8 @@ def test_variant_genesis_writes_its_own_run_without_heads(tiny_plans, results):
     ckpt = torch.load(join(t.output_folder, "checkpoint_final.pth"), weights_only=False)
     assert "scale_head" not in ckpt and "discriminator" not in ckpt
     assert ckpt["settings"]["variant"] == "genesis" and not ckpt["settings"]["adversarial"]
+    with open(t.log_file) as f:  # the log says which weights fine-tuning loads, and where the best ones are
+        assert "loads checkpoint_final.pth (epoch 1, validation loss" in f.read()
 
 
 def test_single_modality_sources_drop_the_adversarial_term(tiny_plans, results):
