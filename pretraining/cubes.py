@@ -266,7 +266,7 @@ def fixed_validation_cubes(volumes: list[Volume], patch_size, cubes_per_volume=(
 
     Pass the training dataset's ``modalities`` so that modality indices agree with training (the default
     is the sorted modalities of ``volumes`` alone). Memory: N * 2 * prod(patch_size) * 4 bytes, N =
-    len(volumes) * sum(cubes_per_volume) (1 MiB per cube pair at 64x64x32); keep cubes_per_volume small.
+    len(volumes) * sum(cubes_per_volume) (1 MiB per cube pair at 32x64x64); keep cubes_per_volume small.
     """
     ds = MultiScaleCubes(volumes, patch_size, scales=scales, cubes_per_volume=cubes_per_volume,
                          modalities=modalities, transforms=transforms, seed=seed)
