@@ -36,7 +36,8 @@ def pretrain_output_folder(dataset_name: str, variant: str, plans_identifier: st
 
 def find_pretrained_checkpoint(dataset_name: str, variant: str, plans_identifier: str, configuration: str) -> str:
     """The checkpoint a fine-tuning trainer starts from: $nnUNet_SAR_checkpoint if set, else the
-    final checkpoint of the matching pre-training run. Says how to make it when it is missing."""
+    final checkpoint of the matching pre-training run (not checkpoint_best: see ``SARPretrainer.handed_on``).
+    Says how to make it when it is missing."""
     override = os.environ.get(CHECKPOINT_ENV)
     if override:
         if not isfile(override):

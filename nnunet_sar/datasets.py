@@ -7,8 +7,9 @@
   a pre-training source (3.1): all four sequences (t1, t1ce, t2, flair -> ``_0000.._0003``, channel
   names T1, T1ce, T2, FLAIR), images only, without the downstream test cases.
 - ``nnunet_sar_convert_source -i FOLDER -d ID -n NAME -m CT|MRI``: LUNA16 (``*.mhd`` + ``.raw``, also
-  in ``subset*/`` folders), LiTS2017 (``volume-*.nii``) or an MSD task folder (``imagesTr/*.nii.gz``, e.g.
-  Task02_Heart) -> a raw dataset of images only (``imagesTr``), one channel named CT or MRI.
+  in ``subset*/`` folders; ``--subsets``, default 0-6: the paper's 623 scans), LiTS2017 (``volume-*.nii``)
+  or an MSD task folder (``imagesTr/`` and ``imagesTs/*.nii.gz``, e.g. Task02_Heart: the paper's 30 cases)
+  -> a raw dataset of images only (``imagesTr``), one channel named CT or MRI; prints the case count.
 - ``nnunet_sar_split -d 501``: the random 2 : 1 train / test split of 3.2.1 as nnU-Net's
   ``splits_final.json``: fold 0 trains on the training two thirds and validates on the held-out test third.
   MSD Pancreas (3.2.2) uses nnU-Net's own 5-fold cross-validation: nothing to write.
@@ -181,13 +182,18 @@ def main_convert_brats2018(argv=None):
 
 
 # --------------------------------------------------------------------------- LUNA16, LiTS, MSD Heart
-def find_source_images(folder: str) -> tuple[str, list[str]]:
-    """(layout, image files) of a pre-training source folder: an MSD task (``imagesTr/*.nii.gz``),
-    LiTS (``volume-*.nii`` anywhere below) or LUNA16 (``*.mhd`` anywhere below, each with its data file)."""
+LUNA16_SUBSETS = tuple(range(7))  # subsets 0-6: the paper's 623 LUNA16 scans (Table 1), as Models Genesis'
+
+
+def find_source_images(folder: str, subsets=LUNA16_SUBSETS) -> tuple[str, list[str]]:
+    """(layout, image files) of a pre-training source folder: an MSD task (``imagesTr`` and ``imagesTs``
+    ``/*.nii.gz``: unlabeled, the test images count too), LiTS (``volume-*.nii`` anywhere below) or LUNA16
+    (``*.mhd`` anywhere below, each with its data file; in ``subsetN/`` folders only the given ``subsets``)."""
     if not isdir(folder):
         raise SARError(f"source folder {folder} does not exist")
     if isdir(join(folder, "imagesTr")):
-        files = sorted(join(folder, "imagesTr", f) for f in os.listdir(join(folder, "imagesTr"))
+        files = sorted(join(folder, part, f) for part in ("imagesTr", "imagesTs") if isdir(join(folder, part))
+                       for f in os.listdir(join(folder, part))
                        if f.endswith(".nii.gz") and not f.startswith("."))  # MSD ships '._*' resource forks
         if not files:
             raise SARError(f"{join(folder, 'imagesTr')} holds no .nii.gz images")
@@ -205,6 +211,7 @@ def find_source_images(folder: str) -> tuple[str, list[str]]:
     if found["lits"]:
         return "LiTS", found["lits"]
     if found["mhd"]:
+        found["mhd"] = _luna16_subsets(folder, found["mhd"], subsets)
         missing = []
         for f in found["mhd"]:
             data = _mhd_data_file(f)
@@ -215,6 +222,30 @@ def find_source_images(folder: str) -> tuple[str, list[str]]:
         return "LUNA16", found["mhd"]
     raise SARError(f"no images in {folder}: expected an MSD task folder with imagesTr/*.nii.gz (e.g. "
                    f"Task02_Heart), LiTS volume-*.nii files, or LUNA16 *.mhd files (+ .raw)")
+
+
+def _luna16_subsets(folder: str, files: list, subsets) -> list:
+    """The files in ``subsetN/`` folders with N in ``subsets``; all files when there are no such folders."""
+    subset_of = {f: re.fullmatch(r"subset(\d+)", os.path.basename(os.path.dirname(f))) for f in files}
+    if not any(subset_of.values()):
+        return files
+    kept = [f for f, m in subset_of.items() if m and int(m.group(1)) in set(subsets)]
+    if not kept:
+        found = sorted({int(m.group(1)) for m in subset_of.values() if m})
+        raise SARError(f"--subsets {' '.join(map(str, subsets))}: none of the subset folders {found} under {folder}")
+    return kept
+
+
+def parse_subsets(text: str) -> list:
+    """``'0-6'`` or ``'0,2,5'`` -> subset numbers (argparse type of ``--subsets``)."""
+    numbers = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            numbers.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--subsets {text!r}: give a range like 0-6 or numbers like 0,2,5") from None
+    return sorted(numbers)
 
 
 def _mhd_data_file(mhd: str) -> str | None:
@@ -235,13 +266,14 @@ def _case_name(fname: str) -> str:
     return base
 
 
-def convert_source(folder: str, dataset_id: int, name: str, modality: str, overwrite: bool = False) -> str:
+def convert_source(folder: str, dataset_id: int, name: str, modality: str, overwrite: bool = False,
+                   subsets=LUNA16_SUBSETS) -> str:
     """A pre-training source folder -> nnU-Net raw dataset of images only (imagesTr), channel name CT or MRI."""
     import SimpleITK as sitk
     modality = modality.upper()
     if modality not in ("CT", "MRI"):
         raise SARError(f"modality must be CT or MRI, got {modality!r}")
-    layout, files = find_source_images(folder)
+    layout, files = find_source_images(folder, subsets)
     for f in files:  # check all headers before writing anything
         reader = sitk.ImageFileReader()
         reader.SetFileName(f)
@@ -273,17 +305,20 @@ def convert_source(folder: str, dataset_id: int, name: str, modality: str, overw
 def main_convert_source(argv=None):
     p = argparse.ArgumentParser(
         prog="nnunet_sar_convert_source",
-        description="A pre-training source (LUNA16 *.mhd, LiTS volume-*.nii, MSD task imagesTr/, e.g. "
-                    "Task02_Heart) -> nnU-Net raw dataset of images only, channel name CT or MRI.")
+        description="A pre-training source (LUNA16 *.mhd, LiTS volume-*.nii, MSD task imagesTr/ and imagesTs/, "
+                    "e.g. Task02_Heart) -> nnU-Net raw dataset of images only, channel name CT or MRI.")
     p.add_argument("-i", required=True, help="source folder")
     p.add_argument("-d", required=True, type=int, help="nnU-Net dataset id of the new raw dataset")
     p.add_argument("-n", required=True, help="dataset name, e.g. LUNA16, LiTS, Heart")
     p.add_argument("-m", required=True, type=str.upper, choices=("CT", "MRI"), help="modality")
+    p.add_argument("--subsets", type=parse_subsets, default=list(LUNA16_SUBSETS),
+                   help="LUNA16 subsetN/ folders to convert (paper: 0-6, 623 scans) [0-6]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
 
     def run(argv):
         a = p.parse_args(argv)
-        print(f"wrote {convert_source(a.i, a.d, a.n, a.m, a.overwrite)}")
+        out = convert_source(a.i, a.d, a.n, a.m, a.overwrite, a.subsets)
+        print(f"wrote {out}: {len(os.listdir(join(out, 'imagesTr')))} cases")
     _run(run, argv)
 
 

@@ -6,9 +6,13 @@ configuration (variant ``pretraining_variant``), verifying every tensor and logg
 loaded and from where. Nothing is frozen. The named trainers live in ``trainers/`` (installed into
 nnU-Net's trainer folder) and are one or two lines each.
 """
+from os.path import join
+
 import torch
+from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_sar import SARError
 from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_pretrained_into
 
 
@@ -150,10 +154,17 @@ class ValidationLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
         super().step(float(val_loss))
 
 
+PLATEAU_SEED = 54321  # not FRACTION_SEED: the carve-out is then no frac5 subset
+
+
 class PaperFineTuning:
     """The paper's fine-tuning recipe (3.3): Adam with lr 1e-3, Dice loss only, ReduceLROnPlateau on
     the validation loss; all layers trainable. Everything else (epochs, augmentation, deep supervision,
     patch and batch size) stays nnU-Net's.
+
+    The validation loss the plateau reads comes from a seeded 1/``plateau_denominator`` of the fold's
+    training cases (``plateau_split.json`` beside the fold), never from the fold's validation cases:
+    with ``nnunet_sar_split`` those are the test cases that ``validation/summary.json`` scores.
 
     Dice only is nnU-Net's own compound loss with the cross-entropy weight 0 (so ignore labels and
     regions are handled as in nnU-Net). The plateau state is not part of nnU-Net's checkpoint; on
@@ -164,6 +175,39 @@ class PaperFineTuning:
     plateau_factor = 0.5     # as the pre-training schedule (paper 3.3 names no values)
     plateau_patience = 10    # epochs (nnU-Net epochs: 250 iterations each)
     min_lr = 1e-6
+    plateau_denominator = 5  # 1/5 of the training cases, nnU-Net's own validation share (the paper names none)
+    plateau_seed = PLATEAU_SEED
+    _splitting_for_training = False
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's per-epoch validation (its loss drives the plateau; its Dice picks checkpoint_best)
+        runs on the carved-out cases; ``perform_actual_validation`` calls ``do_split`` directly and still
+        scores the fold's validation cases."""
+        self._splitting_for_training = True
+        try:
+            return super().get_tr_and_val_datasets()
+        finally:
+            self._splitting_for_training = False
+
+    def do_split(self):
+        tr_keys, val_keys = super().do_split()  # after TrainingFraction, when combined: carved from the fraction
+        if not self._splitting_for_training:
+            return tr_keys, val_keys
+        if len(tr_keys) < 2:
+            raise SARError(f"fold {self.fold} has {len(tr_keys)} training case(s); the plateau's validation split "
+                           f"needs at least 2")
+        plateau = nested_fraction(tr_keys, self.plateau_denominator, self.plateau_seed)
+        train = sorted(set(tr_keys) - set(plateau))
+        record = {"seed": self.plateau_seed, "fraction": f"1/{self.plateau_denominator}", "train": train,
+                  "plateau_validation": plateau, "scored_validation": sorted(val_keys)}
+        if self.local_rank == 0:
+            maybe_mkdir_p(self.output_folder)
+            save_json(record, join(self.output_folder, "plateau_split.json"), sort_keys=False)
+        self.print_to_log_file(f"ReduceLROnPlateau reads the validation loss of {len(plateau)} of the {len(tr_keys)} "
+                               f"training cases (1/{self.plateau_denominator}, seed {self.plateau_seed}; "
+                               f"plateau_split.json), trains on {len(train)}; the {len(val_keys)} validation cases "
+                               f"are scored only at the end")
+        return train, plateau
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

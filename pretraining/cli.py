@@ -1,19 +1,31 @@
 """``nnunet_sar_pretrain``: SAR pre-training for a target dataset's nnU-Net plans."""
 import argparse
+import copy
+import dataclasses
 import os
+import re
 import sys
 
 from nnunet_sar import SARError, one_line
 
 EPILOG = """
 examples:
-  nnunet_sar_pretrain -d 501 --sources Dataset502_LUNA16 Dataset503_LiTS Dataset504_BraTSsrc Dataset505_Heart
+  nnunet_sar_pretrain -d 501 --preset paper --sources Dataset502_LUNA16 Dataset503_LiTS Dataset504_BraTS2018src Dataset505_Heart
+  nnunet_sar_pretrain -d 501 --preset paper --batch-size 16 --sources 502 503 504 505
   nnunet_sar_pretrain -d Dataset501_BraTSFLAIR -p nnUNetResEncUNetMPlans --sources /data/ct_folder:CT 504
   nnunet_sar_pretrain -d 501 --sources 502 504 --variant genesis --epochs 50 -device cpu
 
 A SRC is an nnU-Net raw dataset (name or id, under $nnUNet_raw) or a folder of images. Every image
 channel is its own single-channel volume. Modality: channel name CT is CT, anything else MRI; a
-':CT' or ':MRI' suffix overrides and is required for a plain folder.
+':CT' or ':MRI' suffix overrides and is required for a plain folder. A further ':L,M,S' suffix gives that
+source its own cubes per volume at 1/2, 1/4, 1/8 of the side (e.g. 503:32,32,64 or /data/ct:CT:16,16,32).
+
+--preset paper sets the paper's configuration (3.1-3.3): cube 32 64 64 (nnU-Net's z, y, x order of the
+paper's 64x64x32), batch 32 (the paper gives none: nnU-Net's 2 x 128^3 voxels), Table 1's cubes per
+volume by source (LUNA16 and BraTS 16,16,32; LiTS and MSD Heart 32,32,64, matched by the start of the
+source's name after DatasetNNN_; other sources get --cubes-per-volume), SGD at lr 1.0 / 0.1 / 1e-3
+(U-Net / S / M), alpha 1, beta 10, ReduceLROnPlateau. Options given explicitly override the preset; the
+values it set are recorded in settings.json ("preset", "preset_values").
 
 Output: $nnUNet_results/<dataset>/nnUNetSARPretrain_<variant>__<plans>__<configuration>/checkpoint_final.pth,
 which nnUNetv2_train <dataset> <configuration> FOLD -tr nnUNetTrainerSAR loads by itself.
@@ -47,16 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", dest="plans_identifier", default=d.plans_identifier, help="plans identifier [%(default)s]")
     p.add_argument("-c", dest="configuration", default=d.configuration, help="configuration [%(default)s]")
     p.add_argument("--sources", nargs="+", required=True, metavar="SRC", help="pre-training sources, see below")
+    p.add_argument("--preset", choices=["paper"], default=None,
+                   help="the paper's configuration, see below; options given explicitly override it")
     p.add_argument("--variant", default=d.variant, choices=list(VARIANTS),
                    help="; ".join(f"{k}: {v.description}" for k, v in VARIANTS.items()) + " [%(default)s]")
     p.add_argument("--epochs", type=int, default=d.epochs, help="[%(default)s]")
     p.add_argument("--iters-per-epoch", type=int, default=None,
                    help="iterations per epoch [all cubes of --cubes-per-volume for every training volume]")
     p.add_argument("--batch-size", type=int, default=None, help="[the plans' batch size]")
-    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="input cube size, e.g. the paper's 64 64 32 [the plans' patch size]")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="input cube size in nnU-Net's axis order, e.g. the paper's 32 64 64 (its 64x64x32 is x, y, z) "
+                        "[the plans' patch size]")
     p.add_argument("--cubes-per-volume", type=int, nargs=3, default=d.cubes_per_volume, metavar=("L", "M", "S"),
-                   help="cubes per volume and epoch at 1/2, 1/4, 1/8 of the side (paper Table 1) [16 16 32]")
+                   help="cubes per volume and epoch at 1/2, 1/4, 1/8 of the side, for sources without their own "
+                        "(Table 1: LUNA16 and BraTS 16 16 32, LiTS and MSD Heart 32 32 64) [16 16 32]")
     p.add_argument("--val-cubes-per-volume", type=int, nargs=3, default=d.val_cubes_per_volume, metavar=("L", "M", "S"),
                    help="fixed validation cubes per held-out volume (the paper gives no number) [2 2 4]")
     p.add_argument("--corruption", nargs="+", default=[], metavar="KEY=P", type=_key_value,
@@ -90,26 +106,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+COUNTS_SUFFIX = re.compile(r"^(.+):(\d+),(\d+),(\d+)$")
+
+
+def split_cube_counts(sources: list) -> tuple[list, dict]:
+    """``SRC[:CT|:MRI][:L,M,S]`` items -> (the sources without counts, {source: [L, M, S]})."""
+    plain, counts = [], {}
+    for spec in sources:
+        m = COUNTS_SUFFIX.match(spec)
+        if m:
+            spec = m.group(1)
+            counts[spec] = [int(c) for c in m.groups()[1:]]
+        plain.append(spec)
+    return plain, counts
+
+
+def given_options(argv) -> set:
+    """The destinations of the options on the command line (a preset fills in only the others)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def apply_preset(args: argparse.Namespace, given: set) -> dict:
+    """Sets the preset's values on ``args``, but not over options given explicitly; returns those it set."""
+    from nnunet_sar.pretraining.loop import PAPER_PRESET
+    args.cubes_per_source = {}
+    if args.preset != "paper":
+        return {}
+    replaced_by = {"cubes_per_source": "cubes_per_volume"}  # --cubes-per-volume replaces Table 1's counts
+    applied = {k: copy.deepcopy(v) for k, v in PAPER_PRESET.items() if replaced_by.get(k, k) not in given}
+    vars(args).update(applied)
+    return applied
+
+
+def settings_from_args(argv=None):
+    """(PretrainSettings, parsed arguments) of a command line, preset applied."""
     from nnunet_sar.pretraining.loop import PretrainSettings
+    args = build_parser().parse_args(argv)
+    preset_values = apply_preset(args, given_options(argv))
+    args.sources, own_counts = split_cube_counts(args.sources)
     workers = args.num_workers
     if workers is None:
         workers = int(os.environ.get("nnUNet_n_proc_DA", 4 if args.device == "cuda" else 0))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainSettings) if hasattr(args, f.name)}
+    settings = PretrainSettings(**{
+        **values, "num_workers": workers, "cubes_per_source": {**args.cubes_per_source, **own_counts},
+        "preset_values": preset_values,
+        "corruptions": {**PretrainSettings(dataset="", sources=[]).corruptions, **dict(args.corruption)}})
+    return settings, args
+
+
+def main(argv=None):
+    settings, args = settings_from_args(argv)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             sys.exit("nnunet_sar_pretrain: error: -device cuda but no CUDA device is available (use -device cpu)")
-    settings_defaults = PretrainSettings(dataset="", sources=[])
-    settings = PretrainSettings(
-        dataset=args.dataset, sources=args.sources, plans_identifier=args.plans_identifier,
-        configuration=args.configuration, variant=args.variant, epochs=args.epochs,
-        iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, patch_size=args.patch_size,
-        cubes_per_volume=args.cubes_per_volume, val_cubes_per_volume=args.val_cubes_per_volume, corruptions={**settings_defaults.corruptions, **dict(args.corruption)},
-        val_fraction=args.val_fraction, alpha=args.alpha, beta=args.beta,
-        adv_weight=args.adv_weight, lr_unet=args.lr_unet, lr_scale=args.lr_scale, lr_disc=args.lr_disc,
-        plateau_patience=args.plateau_patience, num_workers=workers, cache_dir=args.cache_dir, norm=args.norm, seed=args.seed,
-        device=args.device)
     if args.num_gpus > 1:
         import torch.multiprocessing as mp
         from nnunetv2.run.run_training import find_free_network_port

@@ -2,9 +2,10 @@
 
 For each preprocessed volume (see ``sources.py``) sub-volumes of three scales are cropped at random
 positions: large, medium and small, about 1/2, 1/4 and 1/8 of the volume's side (per axis), in the ratio
-1 : 1 : 2 (Table 1). Every crop is resized (trilinear) to the network's input patch (64 x 64 x 32 in the
-paper); its label for the scale head is the scale index (0 = large, 1 = medium, 2 = small), and its
-modality index feeds the adversarial (MIAL) discriminator.
+1 : 1 : 2 (Table 1). Every crop is resized (trilinear) to the network's input patch (the paper's
+64 x 64 x 32 in (x, y, z), i.e. 32 x 64 x 64 in nnU-Net's (z, y, x) array order); its label for the scale
+head is the scale index (0 = large, 1 = medium, 2 = small), and its modality index feeds the adversarial
+(MIAL) discriminator.
 
 Determinism: an epoch's plan (which volume and scale each index ``i`` is) is a seeded shuffle of
 (seed, epoch); the crop position of index ``i`` comes from ``np.random.default_rng((seed, epoch, i))`` and
@@ -37,7 +38,7 @@ __all__ = [
 
 SCALES = (1 / 2, 1 / 4, 1 / 8)  # label 0 = large, 1 = medium, 2 = small
 SCALE_NAMES = ("large", "medium", "small")
-DEFAULT_CUBES_PER_VOLUME = (16, 16, 32)  # Table 1: large : medium : small = 1 : 1 : 2
+DEFAULT_CUBES_PER_VOLUME = (16, 16, 32)  # Table 1's LUNA16 and BraTS volumes (LiTS and Heart: twice as many)
 
 
 def crop_size(volume_shape, fraction, min_size=4) -> tuple[int, int, int]:
@@ -93,7 +94,8 @@ def _derived_seed(*key: int) -> int:
 
 
 class MultiScaleCubes(Dataset):
-    """Dataset of multi-scale cubes; an epoch is ``len(volumes) * sum(cubes_per_volume)`` items.
+    """Dataset of multi-scale cubes; an epoch is the sum of ``cubes_per_volume`` over the volumes: one
+    count per scale for all volumes, or one row of counts per volume (per-source counts, Table 1).
 
     Items: ``{"image": float32 (1, *patch_size), "target": float32 (1, *patch_size),
     "scale": int64 0-d tensor, "modality": int64 0-d tensor}``. Without ``transforms`` image == target
@@ -115,12 +117,15 @@ class MultiScaleCubes(Dataset):
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints, got {patch_size}")
         self.scales = tuple(float(s) for s in scales)
-        self.cubes_per_volume = tuple(int(c) for c in cubes_per_volume)
-        if len(self.scales) != len(self.cubes_per_volume):
-            raise ValueError(f"{len(self.scales)} scales {self.scales} but cubes_per_volume has "
-                             f"{len(self.cubes_per_volume)} entries {self.cubes_per_volume}")
-        if min(self.cubes_per_volume) < 0 or sum(self.cubes_per_volume) == 0:
+        counts = np.asarray(cubes_per_volume, dtype=np.int64)
+        if counts.ndim == 1:  # one count per scale for every volume
+            counts = np.tile(counts, (len(self.volumes), 1))
+        if counts.shape != (len(self.volumes), len(self.scales)):
+            raise ValueError(f"{len(self.scales)} scales {self.scales} and {len(self.volumes)} volumes but "
+                             f"cubes_per_volume has shape {counts.shape}: {cubes_per_volume}")
+        if counts.min() < 0 or counts.sum() == 0:
             raise ValueError(f"cubes_per_volume must be non-negative with a positive sum, got {cubes_per_volume}")
+        self.counts = counts  # (volume, scale): each source may carry its own counts (Table 1)
         if any(not 0 < s <= 1 for s in self.scales):
             raise ValueError(f"scales must be in (0, 1], got {self.scales}")
         self.modalities = list(modalities) if modalities is not None else sorted({v.modality for v in self.volumes})
@@ -143,9 +148,8 @@ class MultiScaleCubes(Dataset):
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         plan = self._plans.get(epoch)
         if plan is None:
-            n_v, cpv = len(self.volumes), np.asarray(self.cubes_per_volume)
-            vol = np.repeat(np.arange(n_v), cpv.sum())
-            scale = np.tile(np.repeat(np.arange(len(cpv)), cpv), n_v)
+            vol = np.repeat(np.arange(len(self.volumes)), self.counts.sum(1))
+            scale = np.concatenate([np.repeat(np.arange(len(self.scales)), c) for c in self.counts])
             perm = np.random.default_rng((self.seed, int(epoch))).permutation(len(vol))
             plan = (vol[perm], scale[perm])
             if len(self._plans) >= 4:
@@ -165,7 +169,7 @@ class MultiScaleCubes(Dataset):
         return self._plan(self.epoch if epoch is None else int(epoch))
 
     def __len__(self) -> int:
-        return len(self.volumes) * sum(self.cubes_per_volume)
+        return int(self.counts.sum())
 
     # ------------------------------------------------------------------ data
     def __getstate__(self):
@@ -262,7 +266,7 @@ def fixed_validation_cubes(volumes: list[Volume], patch_size, cubes_per_volume=(
 
     Pass the training dataset's ``modalities`` so that modality indices agree with training (the default
     is the sorted modalities of ``volumes`` alone). Memory: N * 2 * prod(patch_size) * 4 bytes, N =
-    len(volumes) * sum(cubes_per_volume) (1 MiB per cube pair at 64x64x32); keep cubes_per_volume small.
+    len(volumes) * sum(cubes_per_volume) (1 MiB per cube pair at 32x64x64); keep cubes_per_volume small.
     """
     ds = MultiScaleCubes(volumes, patch_size, scales=scales, cubes_per_volume=cubes_per_volume,
                          modalities=modalities, transforms=transforms, seed=seed)

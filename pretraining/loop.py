@@ -9,6 +9,7 @@ checkpoint_final.pth, the last two in nnU-Net's ``-pretrained_weights`` format.
 import dataclasses
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, 
 from torch.utils.data import DataLoader
 
 from nnunet_sar import SARError, __version__
-from nnunet_sar.checkpoint import atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder, unwrap
+from nnunet_sar.checkpoint import CHECKPOINT_ENV, atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder, unwrap
 from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
 from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions, tune_malloc
 from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, SCALE_NAMES, MultiScaleCubes, check_patch_size,
@@ -52,6 +53,7 @@ class PretrainSettings:
     batch_size: int | None = None       # None: the plans' batch size
     patch_size: list | None = None      # None: the plans' patch size
     cubes_per_volume: list = field(default_factory=lambda: list(DEFAULT_CUBES_PER_VOLUME))
+    cubes_per_source: dict = field(default_factory=dict)  # see source_cubes_per_volume
     val_cubes_per_volume: list = field(default_factory=lambda: [2, 2, 4])
     val_fraction: float = 0.1
     corruptions: dict = field(default_factory=lambda: dict(GENESIS_PROBABILITIES))  # Models Genesis' rates
@@ -69,11 +71,50 @@ class PretrainSettings:
     norm: str = "instance"              # the plans' own norm, so nnU-Net fine-tunes the function pre-trained here
     seed: int = 12345
     device: str = "cuda"
+    preset: str | None = None           # "paper": the command line's --preset (PAPER_PRESET)
+    preset_values: dict = field(default_factory=dict)  # what the preset set (options given explicitly win)
+
+
+# Table 1, sub-volumes per source / cases, as (large, medium, small) per volume and epoch: LUNA16
+# 19936 : 9968 : 9968 small : medium : large over 623 cases and BraTS 24320 : 12160 : 12160 over 190 x 4
+# volumes are 32 : 16 : 16; LiTS (111) and MSD Heart (30) get twice that.
+PAPER_CUBES_PER_SOURCE = {"LUNA": [16, 16, 32], "LiTS": [32, 32, 64], "BraTS": [16, 16, 32], "Heart": [32, 32, 64]}
+
+# ``nnunet_sar_pretrain --preset paper``: the paper's configuration (3.1-3.3); flags given with it win.
+PAPER_PRESET = {
+    "patch_size": [32, 64, 64],  # the paper's 64 x 64 x 32 cube is (x, y, z); nnU-Net's arrays are (z, y, x)
+    # The paper gives no batch size. 32 cubes of 32 x 64 x 64 are the voxels of nnU-Net's own 2 x 128^3
+    # batch (the same GPU memory), and S and M see about 8 large, 8 medium, 16 small cubes and both
+    # modalities in every batch (M normalises its features over the batch; at 2 it is nearly blind).
+    "batch_size": 32,
+    "cubes_per_source": PAPER_CUBES_PER_SOURCE,  # Table 1; other sources get --cubes-per-volume
+    "alpha": 1.0, "beta": 10.0, "adv_weight": 1.0,  # Eq. 4, a plain min-max game
+    "lr_unet": 1.0, "lr_scale": 0.1, "lr_disc": 1e-3,  # 3.3, SGD, ReduceLROnPlateau on the validation loss
+    # silent in the paper: Models Genesis' momentum, halving after 10 epochs without improvement
+    "momentum": 0.9, "plateau_factor": 0.5, "plateau_patience": 10,
+    # the paper pre-trains with batch norm, but nnU-Net fine-tunes with instance norm: batch-norm weights
+    # do not survive the switch (transfer check), so pre-training keeps the plans' instance norm
+    "norm": "instance",
+}
+
+
+def source_cubes_per_volume(settings: PretrainSettings, volumes) -> dict:
+    """Cubes per volume (large, medium, small) of every source, by its name. ``cubes_per_source`` keys
+    are a source as given in ``sources`` (``SRC:L,M,S`` on the command line) or the start of a source's
+    name after ``DatasetNNN_`` (the preset's Table 1: ``LiTS`` matches Dataset503_LiTS); the first wins,
+    and other sources get ``cubes_per_volume``."""
+    names = list(dict.fromkeys(v.source for v in volumes))  # one name per source, in the order given
+    out = {}
+    for spec, name in zip(settings.sources, names):
+        short = re.sub(r"^(Dataset|Task)\d+_", "", name).casefold()
+        by_name = [c for k, c in settings.cubes_per_source.items() if short.startswith(k.casefold())]
+        out[name] = [int(c) for c in settings.cubes_per_source.get(spec, by_name[0] if by_name else settings.cubes_per_volume)]
+    return out
 
 
 def default_batch_size(configuration_manager, patch_size) -> int:
     """The plans' batch size, scaled up when the cubes are smaller than the plans' patch (the same
-    voxels per batch, so about the same memory): 64x64x32 cubes for 128^3 plans give batch 32."""
+    voxels per batch, so about the same memory): 32x64x64 cubes for 128^3 plans give batch 32."""
     plans_voxels = configuration_manager.batch_size * np.prod(configuration_manager.patch_size)
     return int(max(configuration_manager.batch_size, min(64, plans_voxels // np.prod(patch_size))))
 
@@ -109,10 +150,13 @@ class SARPretrainer:
             check_patch_size(self.patch_size, self.configuration_manager.network_arch_init_kwargs["strides"])
         except ValueError as e:
             raise SARError(f"patch size for {s.plans_identifier} / {s.configuration}: {e}") from None
-        for flag, counts in (("--cubes-per-volume", s.cubes_per_volume), ("--val-cubes-per-volume", s.val_cubes_per_volume)):
-            if len(counts) != 3 or min(counts) < 0 or not sum(counts[i] for i in self.variant.scales):
+        # training cubes are redrawn at the variant's scales (Variant.cubes_per_volume), validation cubes are not
+        for flag, counts, scales in (("--cubes-per-volume", s.cubes_per_volume, range(3)),
+                                     *((f"cubes per volume of source {k}", c, range(3)) for k, c in s.cubes_per_source.items()),
+                                     ("--val-cubes-per-volume", s.val_cubes_per_volume, self.variant.scales)):
+            if len(counts) != 3 or min(counts) < 0 or not sum(counts[i] for i in scales):
                 raise SARError(f"{flag} {' '.join(map(str, counts))}: give 3 counts >= 0 (1/2, 1/4, 1/8 crops), not all "
-                               f"zero at the scales variant '{s.variant}' uses ({[SCALE_NAMES[i] for i in self.variant.scales]})")
+                               f"zero at the scales variant '{s.variant}' uses ({[SCALE_NAMES[i] for i in scales]})")
         self._prepare_output_folder(continue_training, overwrite)
         torch.manual_seed(s.seed), np.random.seed(s.seed), random.seed(s.seed)
         tune_malloc()  # the cubes are made here when --num-workers is 0 (see corruptions.tune_malloc)
@@ -122,11 +166,15 @@ class SARPretrainer:
         self._barrier()  # the other ranks then only read the cache
         if self.rank != 0:
             volumes = preprocess_sources(s.sources, cache, num_processes=1, progress=False)
+        self.source_counts = source_cubes_per_volume(s, volumes)
         self.train_volumes, self.val_volumes = split_train_val(volumes, s.val_fraction, s.seed)
         if not self.val_volumes or not self.train_volumes:
             raise SARError(f"sources {' '.join(s.sources)} hold {len(volumes)} volumes; the held-out validation cubes "
                            f"need at least two cases (--val-fraction {s.val_fraction})")
         self.total_train_volumes = len(self.train_volumes)
+        # every variant draws as many cubes per volume as sar, at its own scales (Table 3 at equal steps)
+        counts = [self.variant.cubes_per_volume(self.source_counts[v.source]) for v in self.train_volumes]
+        self.cubes_per_epoch = sum(map(sum, counts))
         # DDP: every rank samples its own shard of the training volumes; validation is the same everywhere
         self.train_volumes = self.train_volumes[self.rank::self.world_size]
         if not self.train_volumes:
@@ -135,8 +183,8 @@ class SARPretrainer:
         self.adversarial = self.variant.adversarial
         if self.batch_size < 8 and self.adversarial:
             warnings.warn(f"batch size {self.batch_size}: M normalises its features over the batch, and so few cubes "
-                          f"per batch hide modality differences; consider --patch-size 32 64 64 (the paper's cube) "
-                          f"or --batch-size 8 or more")
+                          f"per batch hide modality differences; consider --preset paper (the paper's 32 64 64 cube, "
+                          f"batch 32) or --batch-size 8 or more")
         if self.adversarial and len(self.modalities) < 2:
             warnings.warn(f"all sources are {self.modalities[0]}: the adversarial term has nothing to separate and is "
                           f"left out of this run")
@@ -163,9 +211,9 @@ class SARPretrainer:
             self.optimizer, mode="min", factor=s.plateau_factor, patience=s.plateau_patience)
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
 
-        cubes_per_volume = [c if i in self.variant.scales else 0 for i, c in enumerate(s.cubes_per_volume)]
         self.transforms = genesis_corruptions(**s.corruptions)
-        self.train_cubes = MultiScaleCubes(self.train_volumes, self.patch_size, cubes_per_volume=cubes_per_volume,
+        self.train_cubes = MultiScaleCubes(self.train_volumes, self.patch_size,
+                                           cubes_per_volume=counts[self.rank::self.world_size],
                                            modalities=self.modalities, seed=s.seed,
                                            transforms=self.transforms if self.device.type == "cpu" else None)
         val_per_volume = [c if i in self.variant.scales else 0 for i, c in enumerate(s.val_cubes_per_volume)]
@@ -176,6 +224,11 @@ class SARPretrainer:
             f"{s.plans_identifier} / {s.configuration}: {len(self.train_volumes)} training and "
             f"{len(self.val_volumes)} validation volumes, modalities {self.modalities}, patch {self.patch_size}, "
             f"batch {self.batch_size}, {self.iterations_per_epoch} iterations per epoch, device {self.device}")
+        self.print_to_log_file(
+            f"cubes per volume (large, medium, small) by source: {self.source_counts}"
+            + (f", drawn at the {'/'.join(SCALE_NAMES[i] for i in self.variant.scales)} scale only (as many cubes as "
+               f"sar)" if len(self.variant.scales) < 3 else "") + f"; {self.cubes_per_epoch} training cubes per epoch"
+            + (f"; preset '{s.preset}'" if s.preset else ""))
         if self.rank == 0:
             save_json(self.settings_dict(), join(self.output_folder, "settings.json"), sort_keys=False)
         if continue_training:
@@ -207,9 +260,7 @@ class SARPretrainer:
     @property
     def iterations_per_epoch(self) -> int:
         """The same on every rank (DDP needs that): all training cubes of an epoch / the global batch."""
-        per_volume = len(self.train_cubes) // len(self.train_volumes)
-        return self.s.iters_per_epoch or max(1, self.total_train_volumes * per_volume //
-                                             (self.batch_size * self.world_size))
+        return self.s.iters_per_epoch or max(1, self.cubes_per_epoch // (self.batch_size * self.world_size))
 
     def _barrier(self):
         if self.is_ddp:
@@ -219,6 +270,8 @@ class SARPretrainer:
         return {**dataclasses.asdict(self.s), "dataset_name": self.dataset_name, "modalities": self.modalities,
                 "adversarial": self.adversarial, "scale_loss": self.variant.scale_loss,
                 "scales": list(self.variant.scales), "batch_size": self.batch_size, "patch_size": self.patch_size,
+                "cubes_per_volume_by_source": self.source_counts, "cubes_per_epoch": self.cubes_per_epoch,
+                "iterations_per_epoch": self.iterations_per_epoch,
                 "network_class": self.configuration_manager.network_arch_class_name, "num_input_channels": 1,
                 "nnunet_sar_version": __version__}
 
@@ -317,6 +370,21 @@ class SARPretrainer:
         if self.rank == 0:  # does nnU-Net's network do what this one learned? (transfer_check.json / .png)
             check_transfer(final, self.val_batch, self.batch_size, self.device, log=self.print_to_log_file)
         self.print_to_log_file(f"done: {final}")
+        self.print_to_log_file(self.handed_on())
+
+    def handed_on(self) -> str:
+        """Which weights fine-tuning loads. The last epoch's: the plateau schedule has by then shrunk the
+        steps, so it differs from the lowest validation loss mostly by the noise of a few fixed cubes (on
+        which that minimum is selected, the scheduled loss without the adversarial term); and the transfer
+        check measured this file. Models Genesis hands on its best validation model instead."""
+        losses = self.logger.my_fantastic_logging["val_loss"]
+        if not losses:
+            return "fine-tuning (nnUNetTrainerSAR*) loads checkpoint_final.pth (no epoch trained)"
+        best = int(np.argmin(losses))
+        return (f"fine-tuning (nnUNetTrainerSAR*) loads checkpoint_final.pth (epoch {len(losses)}, validation loss "
+                f"{losses[-1]:.4g}); the lowest validation loss, {losses[best]:.4g} at epoch {best + 1}, is in "
+                f"checkpoint_best.pth: {CHECKPOINT_ENV}={join(self.output_folder, 'checkpoint_best.pth')} hands that "
+                f"on instead (Models Genesis' choice)")
 
     def _check_ranks_agree(self):
         """DDP keeps the weights identical on every rank; verified once at the end, and logged."""

@@ -23,6 +23,18 @@ class Variant:
     scales: tuple  # indices into cubes.SCALES (0: 1/2, 1: 1/4, 2: 1/8)
     description: str
 
+    def cubes_per_volume(self, counts) -> list:
+        """``counts`` (L, M, S) drawn only at this variant's scales, as many in all: the left-out scales'
+        cubes go to the kept ones in proportion (a single scale gets them all), so that every variant of
+        Table 3 sees as many cubes and optimisation steps per epoch as ``sar``."""
+        counts = [int(c) for c in counts]
+        kept = [c if i in self.scales else 0 for i, c in enumerate(counts)]
+        if not sum(kept):
+            kept = [int(i in self.scales) for i in range(len(counts))]
+        out = [sum(counts) * k // sum(kept) for k in kept]
+        out[self.scales[-1]] += sum(counts) - sum(out)
+        return out
+
 
 VARIANTS = {v.name: v for v in (
     Variant("sar", True, True, (0, 1, 2), "full SAR: restoration + scale + adversarial"),

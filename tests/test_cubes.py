@@ -64,6 +64,13 @@ def test_plan_exact_ratio_and_len(vols):
     assert [int(it["scale"]) for it in items] == ds2.plan()[1].tolist()
     with pytest.raises(IndexError):
         ds2[12]
+    # one row of counts per volume (Table 1's per-source counts): LiTS-like volumes get twice LUNA's
+    ds3 = MultiScaleCubes(vols, (16, 16, 8), cubes_per_volume=[(1, 1, 2), (2, 2, 4), (0, 3, 0)])
+    assert len(ds3) == 4 + 8 + 3
+    assert Counter(zip(*(a.tolist() for a in ds3.plan()))) == {(0, 0): 1, (0, 1): 1, (0, 2): 2, (1, 0): 2, (1, 1): 2,
+                                                                (1, 2): 4, (2, 1): 3}
+    with pytest.raises(ValueError, match=r"shape \(2, 3\)"):
+        MultiScaleCubes(vols, (16, 16, 8), cubes_per_volume=[(1, 1, 2), (2, 2, 4)])
 
 
 def test_item_shapes_dtypes_modality(vols):
@@ -189,14 +196,15 @@ def test_transforms_seeded_and_rng_untouched(vols):
 
 
 def test_check_patch_size():
-    strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1]]  # total (16, 16, 8)
-    check_patch_size((64, 64, 32), strides)
-    check_patch_size((64, 64, 32), [1, 2, 2, 2])
+    # the paper's 64x64x32 cube is (x, y, z): (32, 64, 64) in nnU-Net's (z, y, x) order
+    strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]  # total (8, 16, 16)
+    check_patch_size((32, 64, 64), strides)
+    check_patch_size((32, 64, 64), [1, 2, 2, 2])
     with pytest.raises(ValueError) as e:
-        check_patch_size((64, 64, 36), strides)
-    assert "(64, 64, 36)" in str(e.value) and "(16, 16, 8)" in str(e.value)
-    with pytest.raises(ValueError, match="(48, 64, 32)"):
-        check_patch_size((48, 64, 32), [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1]])
+        check_patch_size((36, 64, 64), strides)
+    assert "(36, 64, 64)" in str(e.value) and "(8, 16, 16)" in str(e.value)
+    with pytest.raises(ValueError, match="(32, 64, 48)"):
+        check_patch_size((32, 64, 48), [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]])
 
 
 def test_fixed_validation_cubes(vols):
@@ -230,18 +238,18 @@ def test_real_ct_and_mri(tmp_path):
     ct_arr = np.load(vols[0].path).astype(np.float32)
     assert 0.0 < float(np.median(ct_arr)) < 0.6  # air at 0, soft tissue near 0.5 of [-1000, 1000]
 
-    ds = MultiScaleCubes(vols, (64, 64, 32), cubes_per_volume=(1, 1, 2), seed=0)
+    ds = MultiScaleCubes(vols, (32, 64, 64), cubes_per_volume=(1, 1, 2), seed=0)  # the paper's cube, (z, y, x)
     assert ds.modalities == ["CT", "MRI"]
     for i in range(len(ds)):
         it = ds[i]
-        assert it["image"].shape == (1, 64, 64, 32)
+        assert it["image"].shape == (1, 32, 64, 64)
         assert 0.0 <= float(it["image"].min()) and float(it["image"].max()) <= 1.0
         v = vols[int(ds.plan()[0][i])]
         assert int(it["modality"]) == ds.modalities.index(v.modality)
 
 
 @pytest.mark.parametrize("shape", [(30, 30, 19), (120, 120, 78), (7, 5, 3), (130, 140, 150), (16, 16, 16), (64, 9, 33)])
-@pytest.mark.parametrize("size", [(128, 128, 128), (64, 64, 32), (16, 16, 16), (5, 7, 3)])
+@pytest.mark.parametrize("size", [(128, 128, 128), (32, 64, 64), (16, 16, 16), (5, 7, 3)])
 def test_separable_resize_equals_trilinear_interpolation(shape, size):
     from nnunet_sar.pretraining.cubes import resize_trilinear
     t = torch.from_numpy(np.random.default_rng(sum(shape)).random(shape, dtype=np.float32))

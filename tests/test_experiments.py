@@ -131,6 +131,40 @@ def test_fractions_are_nested_seeded_identical_and_sized(planned_target, tmp_pat
     assert nested_fraction(reversed(train), 5) == subsets["nnUNetTrainer", 5]  # order of the split file irrelevant
 
 
+def test_paper_plateau_never_reads_the_scored_cases(planned_target, tmp_path):
+    """*_paperFT: ReduceLROnPlateau steps on nnU-Net's per-epoch validation loss, so that validation must
+    be carved from the fold's training cases (seeded, recorded), disjoint from the cases that the final
+    validation scores (with nnunet_sar_split: the test cases). With TrainingFraction it is carved from
+    the fraction."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_sar.finetuning import PaperFineTuning, TrainingFraction, nested_fraction
+    cases = [f"case_{i:03d}" for i in range(150)]
+    train, val = cases[:100], cases[100:]
+    json.dump([{"train": train, "val": val}], open(tmp_path / "splits_final.json", "w"))
+    plain = _trainer("nnUNetTrainer_paperFT")
+    combined = type("nnUNetTrainer_paperFT_frac2", (PaperFineTuning, TrainingFraction, nnUNetTrainer),
+                    {"fraction_denominator": 2})({**plain.plans_manager.plans, "continue_training": False}, "3d_fullres",
+                                                 0, plain.dataset_json, torch.device("cpu"))
+    seen = {}
+    for name, t, n_train in (("plain", plain, 100), ("frac2", combined, 50)):
+        t.preprocessed_dataset_folder_base = str(tmp_path)  # the fake split; the real dataset is untouched
+        t.output_folder = str(tmp_path / name)
+        dataset_tr, dataset_plateau = t.get_tr_and_val_datasets()
+        _, scored = t.do_split()  # what perform_actual_validation scores
+        tr, plateau = list(dataset_tr.identifiers), list(dataset_plateau.identifiers)
+        assert scored == val and not set(plateau) & set(scored) and not set(tr) & set(scored)
+        assert not set(tr) & set(plateau) and len(plateau) == n_train // 5 and len(tr) + len(plateau) == n_train
+        recorded = json.load(open(tmp_path / name / "plateau_split.json"))
+        assert recorded["plateau_validation"] == plateau and recorded["train"] == tr and recorded["scored_validation"] == val
+        with open(t.log_file) as f:
+            assert f"validation loss of {n_train // 5} of the {n_train} training cases" in f.read()
+        seen[name] = plateau
+    assert set(seen["frac2"]) < set(nested_fraction(train, 2))
+    again = _trainer("nnUNetTrainer_paperFT")
+    again.preprocessed_dataset_folder_base, again.output_folder = str(tmp_path), str(tmp_path / "again")
+    assert list(again.get_tr_and_val_datasets()[1].identifiers) == seen["plain"]  # seeded
+
+
 # ------------------------------------------------------------------------------ multi-channel targets
 def test_single_channel_checkpoint_adapts_to_four_channels(planned_target):
     from nnunet_sar.finetuning import adapt_input_channels
@@ -261,11 +295,10 @@ def test_convert_source(tmp_path, nnunet_folders, capsys, layout):
     d = tmp_path / layout
     arr = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
     if layout == "LUNA16":
-        (d / "subset0").mkdir(parents=True)
-        (d / "subset1").mkdir()
-        _img(d / "subset0" / "1.3.6.1.111.mhd", arr)
-        _img(d / "subset1" / "1.3.6.1.222.mhd", arr)
-        names, ending, mod = ["1.3.6.1.111", "1.3.6.1.222"], ".nii.gz", "CT"
+        for k in (0, 1, 7):
+            (d / f"subset{k}").mkdir(parents=True)
+            _img(d / f"subset{k}" / f"1.3.6.1.{k}.mhd", arr)
+        names, ending, mod = ["1.3.6.1.0", "1.3.6.1.1"], ".nii.gz", "CT"  # subsets 0-6 by default (the paper's 623)
     elif layout == "LiTS":
         (d / "batch1").mkdir(parents=True)
         for i in (0, 1, 2):
@@ -275,12 +308,15 @@ def test_convert_source(tmp_path, nnunet_folders, capsys, layout):
     else:
         (d / "imagesTr").mkdir(parents=True)
         (d / "labelsTr").mkdir()
+        (d / "imagesTs").mkdir()
         _img(d / "imagesTr" / "la_003.nii.gz", arr)
+        _img(d / "imagesTs" / "la_001.nii.gz", arr)  # unlabeled test images count (Heart: 20 + 10 = 30 cases)
         (d / "imagesTr" / "._la_003.nii.gz").write_bytes(b"\0")  # macOS resource fork shipped with MSD
-        names, ending, mod = ["la_003"], ".nii.gz", "MRI"
+        names, ending, mod = ["la_001", "la_003"], ".nii.gz", "MRI"
     did = {"LUNA16": 861, "LiTS": 862, "MSD": 863}[layout]
     main_convert_source(["-i", str(d), "-d", str(did), "-n", layout, "-m", mod.lower()])
     out = join(nnunet_folders["nnUNet_raw"], f"Dataset{did}_{layout}")
+    assert capsys.readouterr().out.strip() == f"wrote {out}: {len(names)} cases"
     dj = json.load(open(join(out, "dataset.json")))
     assert dj["channel_names"] == {"0": mod} and dj["file_ending"] == ending
     assert sorted(os.listdir(join(out, "imagesTr"))) == [f"{n}_0000{ending}" for n in names]
@@ -288,11 +324,18 @@ def test_convert_source(tmp_path, nnunet_folders, capsys, layout):
     vols = list_source_images(f"Dataset{did}_{layout}")
     assert [v[2] for v in vols] == names and {v[4] for v in vols} == {mod}
     if layout == "LUNA16":
-        os.remove(d / "subset1" / "1.3.6.1.222.raw")
+        main_convert_source(["-i", str(d), "-d", "865", "-n", "LUNA16b", "-m", "CT", "--subsets", "1,7"])
+        assert sorted(os.listdir(join(nnunet_folders["nnUNet_raw"], "Dataset865_LUNA16b", "imagesTr"))) == \
+            ["1.3.6.1.1_0000.nii.gz", "1.3.6.1.7_0000.nii.gz"] and "2 cases" in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            main_convert_source(["-i", str(d), "-d", "864", "-n", "X", "-m", "CT", "--subsets", "8-9"])
+        err = capsys.readouterr().err.strip()
+        assert "--subsets 8 9" in err and "[0, 1, 7]" in err and "\n" not in err
+        os.remove(d / "subset1" / "1.3.6.1.1.raw")
         with pytest.raises(SystemExit):
             main_convert_source(["-i", str(d), "-d", "864", "-n", "X", "-m", "CT"])
         err = capsys.readouterr().err.strip()
-        assert "1.3.6.1.222.raw" in err and "\n" not in err
+        assert "1.3.6.1.1.raw" in err and "\n" not in err
         with pytest.raises(SystemExit):
             main_convert_source(["-i", str(tmp_path / "LiTS" / "missing"), "-d", "864", "-n", "X", "-m", "CT"])
         assert "does not exist" in capsys.readouterr().err

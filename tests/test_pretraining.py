@@ -145,6 +145,8 @@ def test_variant_genesis_writes_its_own_run_without_heads(tiny_plans, results):
     ckpt = torch.load(join(t.output_folder, "checkpoint_final.pth"), weights_only=False)
     assert "scale_head" not in ckpt and "discriminator" not in ckpt
     assert ckpt["settings"]["variant"] == "genesis" and not ckpt["settings"]["adversarial"]
+    with open(t.log_file) as f:  # the log says which weights fine-tuning loads, and where the best ones are
+        assert "loads checkpoint_final.pth (epoch 1, validation loss" in f.read()
 
 
 def test_single_modality_sources_drop_the_adversarial_term(tiny_plans, results):
@@ -183,3 +185,56 @@ def test_resume_ends_with_the_same_weights(tiny_plans, results):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a["optimizer_state"]["param_groups"][0]["lr"] == b["optimizer_state"]["param_groups"][0]["lr"]
+
+
+def test_every_variant_gets_as_many_cubes_and_steps_per_epoch_as_sar(tiny_plans, results):
+    """Table 3 compares crop scales, not training lengths: a single-scale variant draws all of a volume's
+    cubes at its one scale, so every variant makes as many steps of as many cubes per epoch as sar (before,
+    scale2 and scale4 got 1/4 of them and scale8 1/2). Per-source counts (SRC:L,M,S) count as given."""
+    import numpy as np
+    from nnunet_sar.pretraining.objective import VARIANTS
+    own = {str(SOURCE_IDS[0]): [1, 1, 2]}  # the CT source: 4 cubes per volume; the MRI source: 16 16 32
+    seen = {}
+    for name, variant in VARIANTS.items():
+        t = _trainer(tiny_plans, results / name, variant=name, patch_size=[16, 16, 16], batch_size=4,
+                     cubes_per_source=own)
+        t.initialize()
+        ct = sum(v.modality == "CT" for v in t.train_volumes)
+        assert t.cubes_per_epoch == len(t.train_cubes) == 4 * ct + 64 * (len(t.train_volumes) - ct)
+        assert set(np.unique(t.train_cubes.plan(0)[1])) == set(variant.scales)
+        with open(t.log_file) as f:
+            assert f"{t.iterations_per_epoch} iterations per epoch" in f.read()
+        seen[name] = (t.iterations_per_epoch * t.batch_size, t.cubes_per_epoch)
+    assert seen["sar"][0] == t.cubes_per_epoch // 4 * 4 > 0
+    assert all(v == seen["sar"] for v in seen.values()), seen
+
+
+def test_paper_preset_writes_the_papers_settings(tiny_plans, results, nnunet_folders):
+    """--preset paper through the command line's own parsing: the paper's cube in nnU-Net's axis order,
+    batch 32, Table 1's counts by source name (LiTS twice BraTS'), the paper's learning rates; an option
+    given with it wins, and settings.json records the preset and exactly what it set."""
+    import json
+    from nnunet_sar.phantoms import write_phantom_dataset
+    from nnunet_sar.pretraining.cli import settings_from_args
+    from nnunet_sar.pretraining.loop import SARPretrainer
+    for did, name, m in ((811, "LiTS", "CT"), (812, "BraTS2018src", "MRI")):
+        write_phantom_dataset(nnunet_folders["nnUNet_raw"], did, name, m, num_training=3, shape=(24, 24, 24),
+                              seed=did, overwrite=True)
+    settings, _ = settings_from_args(["-d", TARGET, "-p", tiny_plans, "--preset", "paper", "--sources", "811", "812",
+                                      f"{SOURCE_IDS[0]}:4,4,8", "--lr-unet", "0.1", "--val-fraction", "0.25",
+                                      "-device", "cpu"])
+    t = SARPretrainer(settings)
+    t.initialize()
+    saved = json.load(open(join(t.output_folder, "settings.json")))
+    assert saved["preset"] == "paper" and saved["patch_size"] == [32, 64, 64] and saved["batch_size"] == 32
+    assert (saved["lr_unet"], saved["lr_scale"], saved["lr_disc"]) == (0.1, 0.1, 1e-3)
+    assert (saved["alpha"], saved["beta"]) == (1.0, 10.0)
+    assert saved["cubes_per_volume_by_source"] == {"Dataset811_LiTS": [32, 32, 64], "Dataset812_BraTS2018src": [16, 16, 32],
+                                                   "Dataset802_SARTestCT": [4, 4, 8]}
+    assert saved["preset_values"]["batch_size"] == 32 and saved["preset_values"]["cubes_per_source"]["Heart"] == [32, 32, 64]
+    assert "lr_unet" not in saved["preset_values"]  # given explicitly
+    by_source = {"Dataset811_LiTS": 128, "Dataset812_BraTS2018src": 64, "Dataset802_SARTestCT": 16}
+    assert saved["cubes_per_epoch"] == sum(by_source[v.source] for v in t.train_volumes)
+    assert saved["iterations_per_epoch"] == saved["cubes_per_epoch"] // 32
+    plain, _ = settings_from_args(["-d", TARGET, "--sources", "811", "-device", "cpu"])
+    assert plain.preset is None and plain.patch_size is None and plain.cubes_per_source == {}
