@@ -77,19 +77,24 @@ def test_pretraining_checkpoint_has_nnunet_format(pretrained):
     assert torch.equal(net.state_dict()[key], ckpt["network_weights"][key])
 
 
-def test_sar_trainer_starts_from_the_pretrained_weights(pretrained):
+@pytest.mark.parametrize("name", ["nnUNetTrainerSAR", "nnUNetTrainerSAR_fullTransfer"])
+def test_sar_trainer_starts_from_the_pretrained_weights(pretrained, name):
+    """The default transfers the encoder (the decoder keeps nnU-Net's initialisation); _fullTransfer every
+    tensor but the seg layers. Every other tensor is exactly the checkpoint's; all stay trainable."""
+    from nnunet_sar.checkpoint import encoder_keys
     ckpt = torch.load(join(pretrained, "checkpoint_final.pth"), map_location="cpu", weights_only=False)["network_weights"]
-    trainer = _trainer("nnUNetTrainerSAR")
+    trainer = _trainer(name)
     trainer.initialize()
     state = trainer.network.state_dict()
+    encoder = encoder_keys(trainer.network)
     compared = 0
     for k, v in state.items():
-        if ".seg_layers." in k:
-            assert v.shape != ckpt[k].shape or not torch.equal(v, ckpt[k])
+        if ".seg_layers." in k or (name == "nnUNetTrainerSAR" and k not in encoder):
+            assert v.shape != ckpt[k].shape or not torch.equal(v, ckpt[k]) or v.ndim == 1, k  # fresh (norm 1/0 aside)
             continue
         assert torch.equal(v, ckpt[k]), k
         compared += 1
-    assert compared > 50
+    assert compared > (20 if name == "nnUNetTrainerSAR" else 50)
     assert all(p.requires_grad for p in trainer.network.parameters())
     with open(trainer.log_file) as f:
         assert f"loaded {compared} pre-trained tensors" in f.read()
