@@ -5,6 +5,9 @@ training, into ``$nnUNet_results/D/nnUNetSARPretrain_V__P__C/``. Its ``checkpoin
 the format of nnU-Net's ``-pretrained_weights``: ``{'network_weights': state_dict on CPU, ...}``
 with every key of the nnU-Net network, plus the heads and the run's settings under other keys.
 
+Another dataset's pre-training is found through the ``sar_pretrained_from`` record of plans moved from
+it (``nnunet_sar.portable``); nnssl checkpoints load too (their adaptation plan names the encoder).
+
 Loading never fails silently (a known trap of Models Genesis + nnU-Net): every tensor of the target
 network except the seg layers must be present with the same shape, and all differences are named.
 """

@@ -228,3 +228,16 @@ def test_mismatches_fail_in_one_line_that_names_the_fix(moved_targets, exported,
     assert len(done.stderr.strip().splitlines()) == 1
     assert "does not fit" in done.stderr and "nnUNetv2_move_plans_between_datasets -s " + TARGET in done.stderr
     assert open(plans_file).read() == before
+
+
+def test_nnssl_encoder_under_another_key_is_renamed(tiny_plans, tmp_path):
+    """nnssl names where its encoder lives (key_to_encoder); a checkpoint that keeps it elsewhere still loads."""
+    from nnunet_sar.checkpoint import encoder_keys, load_pretrained_into
+    from nnunet_sar.network import build_target_network, load_plans
+    source, target = (build_target_network(*load_plans(TARGET, tiny_plans)) for _ in range(2))
+    weights = {"model." + k: v for k, v in source.state_dict().items() if k.startswith("encoder.stages.")}
+    fname = str(tmp_path / "nnssl_renamed.pth")
+    torch.save({"network_weights": weights, "nnssl_adaptation_plan": {
+        "key_to_encoder": "model.encoder.stages", "key_to_stem": "model.encoder.stages.0"}}, fname)
+    assert load_pretrained_into(target, fname, parts="encoder") == len(encoder_keys(target))
+    assert all(torch.equal(target.state_dict()[k], source.state_dict()[k]) for k in encoder_keys(target))
