@@ -8,8 +8,9 @@ with every key of the nnU-Net network, plus the heads and the run's settings und
 Another dataset's pre-training is found through the ``sar_pretrained_from`` record of plans moved from
 it (``nnunet_sar.portable``); nnssl checkpoints load too (their adaptation plan names the encoder).
 
-Loading never fails silently (a known trap of Models Genesis + nnU-Net): every tensor of the target
-network except the seg layers must be present with the same shape, and all differences are named.
+Loading never fails silently (a known trap of Models Genesis + nnU-Net): every tensor it loads (all of the
+target network but the seg layers, or the encoder's) must be present with the same shape, and all
+differences are named.
 """
 import os
 from os.path import isfile, join
