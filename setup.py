@@ -47,6 +47,8 @@ setup(
             "nnunet_sar_split=nnunet_sar.datasets:main_split",
             "nnunet_sar_report=nnunet_sar.report:main",
             "nnunet_sar_check_transfer=nnunet_sar.pretraining.transfer_check:main",
+            "nnunet_sar_export=nnunet_sar.portable:main_export",
+            "nnunet_sar_use_pretraining=nnunet_sar.portable:main_use_pretraining",
         ]
     },
 )

@@ -4,6 +4,7 @@ Map of the package (one module per concept of the paper):
 - ``network``     the U-Net exactly as nnU-Net builds it from a dataset's plans
 - ``heads``       scale head S (2.2) and modality discriminator M with gradient reversal (2.3)
 - ``checkpoint``  where SAR checkpoints live and how they are written and verified on load
+- ``portable``    one pre-training for many targets (moved plans), the weights_only export with nnssl's adaptation plan
 - ``phantoms``    synthetic CT / MRI datasets with tumors of three sizes (demo and tests)
 - ``demo``        ``nnunet_sar_demo``: the whole workflow on phantoms
 - ``pretraining`` sources (3.1), cubes (2.2), corruptions (2.1), objective (2.4), loop, CLI

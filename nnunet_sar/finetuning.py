@@ -31,7 +31,8 @@ class SARInitialisation:
         if was_initialized:
             return
         fname = find_pretrained_checkpoint(self.plans_manager.dataset_name, self.pretraining_variant,
-                                           self.plans_manager.plans_name, self.configuration_name)
+                                           self.plans_manager.plans_name, self.configuration_name,
+                                           plans=self.plans_manager.plans)
         n = load_pretrained_into(self.network, fname, log=self.print_to_log_file, parts=self.transfer_parts)
         what = "all but the seg layers" if self.transfer_parts == "all" else \
             "the encoder only; the decoder keeps nnU-Net's initialisation"
