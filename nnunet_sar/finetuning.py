@@ -94,8 +94,8 @@ class LearningRateWarmup:
 
     def warmup_step(self) -> None:
         """Sets this iteration's learning rates (within the warm-up; afterwards nnU-Net's poly rules)."""
-        iteration = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
-        self._iteration_in_epoch += 1
+        k = getattr(self, "_iteration_in_epoch", 0)  # 0 when train_step runs outside nnU-Net's epoch loop
+        iteration, self._iteration_in_epoch = self.current_epoch * self.num_iterations_per_epoch + k, k + 1
         if not self.warmup:
             return
         w = self.warmup_iterations
