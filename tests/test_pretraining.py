@@ -217,10 +217,10 @@ def test_paper_preset_writes_the_papers_settings(tiny_plans, results, nnunet_fol
     from nnunet_sar.phantoms import write_phantom_dataset
     from nnunet_sar.pretraining.cli import settings_from_args
     from nnunet_sar.pretraining.loop import SARPretrainer
-    for did, name, m in ((811, "LiTS", "CT"), (812, "BraTS2018src", "MRI")):
+    for did, name, m in ((821, "LiTS", "CT"), (822, "BraTS2018src", "MRI")):  # ids no other test uses
         write_phantom_dataset(nnunet_folders["nnUNet_raw"], did, name, m, num_training=3, shape=(24, 24, 24),
                               seed=did, overwrite=True)
-    settings, _ = settings_from_args(["-d", TARGET, "-p", tiny_plans, "--preset", "paper", "--sources", "811", "812",
+    settings, _ = settings_from_args(["-d", TARGET, "-p", tiny_plans, "--preset", "paper", "--sources", "821", "822",
                                       f"{SOURCE_IDS[0]}:4,4,8", "--lr-unet", "0.1", "--val-fraction", "0.25",
                                       "-device", "cpu"])
     t = SARPretrainer(settings)
@@ -229,12 +229,12 @@ def test_paper_preset_writes_the_papers_settings(tiny_plans, results, nnunet_fol
     assert saved["preset"] == "paper" and saved["patch_size"] == [32, 64, 64] and saved["batch_size"] == 32
     assert (saved["lr_unet"], saved["lr_scale"], saved["lr_disc"]) == (0.1, 0.1, 1e-3)
     assert (saved["alpha"], saved["beta"]) == (1.0, 10.0)
-    assert saved["cubes_per_volume_by_source"] == {"Dataset811_LiTS": [32, 32, 64], "Dataset812_BraTS2018src": [16, 16, 32],
+    assert saved["cubes_per_volume_by_source"] == {"Dataset821_LiTS": [32, 32, 64], "Dataset822_BraTS2018src": [16, 16, 32],
                                                    "Dataset802_SARTestCT": [4, 4, 8]}
     assert saved["preset_values"]["batch_size"] == 32 and saved["preset_values"]["cubes_per_source"]["Heart"] == [32, 32, 64]
     assert "lr_unet" not in saved["preset_values"]  # given explicitly
-    by_source = {"Dataset811_LiTS": 128, "Dataset812_BraTS2018src": 64, "Dataset802_SARTestCT": 16}
+    by_source = {"Dataset821_LiTS": 128, "Dataset822_BraTS2018src": 64, "Dataset802_SARTestCT": 16}
     assert saved["cubes_per_epoch"] == sum(by_source[v.source] for v in t.train_volumes)
     assert saved["iterations_per_epoch"] == saved["cubes_per_epoch"] // 32
-    plain, _ = settings_from_args(["-d", TARGET, "--sources", "811", "-device", "cpu"])
+    plain, _ = settings_from_args(["-d", TARGET, "--sources", "821", "-device", "cpu"])
     assert plain.preset is None and plain.patch_size is None and plain.cubes_per_source == {}
