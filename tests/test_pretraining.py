@@ -217,6 +217,7 @@ def test_paper_preset_writes_the_papers_settings(tiny_plans, results, nnunet_fol
     from nnunet_sar.phantoms import write_phantom_dataset
     from nnunet_sar.pretraining.cli import settings_from_args
     from nnunet_sar.pretraining.loop import SARPretrainer
+    os.environ["nnUNet_results"] = str(results)  # this test's own run folder (the fixture restores it)
     for did, name, m in ((821, "LiTS", "CT"), (822, "BraTS2018src", "MRI")):  # ids no other test uses
         write_phantom_dataset(nnunet_folders["nnUNet_raw"], did, name, m, num_training=3, shape=(24, 24, 24),
                               seed=did, overwrite=True)
