@@ -19,9 +19,8 @@ from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_pretrained_in
 class SARInitialisation:
     """Loads the pre-trained weights after nnU-Net's own ``initialize()``: ``transfer_parts`` 'encoder'
     (the default: the decoder keeps nnU-Net's initialisation) or 'all' (encoder and decoder, as the paper),
-    and prints what the
-    run's transfer check measured, so that a starting point that does not do what pre-training did is
-    seen in the fine-tuning log."""
+    and prints what the run's transfer check measured, so that a starting point that does not do what
+    pre-training did is seen in the fine-tuning log."""
     pretraining_variant = "sar"
     transfer_parts = "encoder"  # measured: a restoration decoder stalls the start (BENCHMARKS.md, transfer)
 

@@ -20,10 +20,11 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from os.path import isfile, join
+
+from nnunet_sar.demo import _exe  # the console scripts of this environment, as the demo runs them
 
 # arm: (fine-tuning trainer, pre-training run it starts from or None)
 ARMS = {
@@ -44,11 +45,6 @@ TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
     "bright": (912, 5, 6, 1.0, 0.25, 22),
 }
 SOURCES = ((902, "SARPhantomCT", "CT"), (903, "SARPhantomMRI", "MRI"))
-
-
-def _exe(name: str) -> str:
-    candidate = join(os.path.dirname(sys.executable), name)
-    return candidate if os.path.exists(candidate) else name
 
 
 def _run(cmd: list, env: dict, log_file: str) -> None:
