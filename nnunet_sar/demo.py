@@ -34,6 +34,11 @@ def _exe(name: str) -> str:
     return candidate if os.path.exists(candidate) else name
 
 
+# The demo's brief pre-training (after --epochs): the transfer benchmark pre-trains the same way.
+# Small cubes in batches of 8; the paper's lr 1.0 collapsed the restoration output in our short CPU runs.
+PRETRAINING = ["--iters-per-epoch", "10", "--patch-size", "32", "32", "32", "--batch-size", "8", "--lr-unet", "0.1"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="nnunet_sar_demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,10 +85,7 @@ def main(argv=None):
     _run([_exe("nnUNetv2_plan_and_preprocess"), "-d", str(tid), "-c", "3d_fullres", "--verify_dataset_integrity",
           "-np", "2"], env, "[2/6] nnU-Net planning and preprocessing of the target")
     _run([_exe("nnunet_sar_pretrain"), "-d", str(tid), "--sources", *[str(s[0]) for s in SOURCES],
-          "--epochs", str(args.pretrain_epochs), "--iters-per-epoch", "10", *dev,
-          # paper-like small cubes in batches of 8 (the heads read batch-normalised features); the paper's
-          # lr 1.0 collapsed the restoration output in our short CPU runs, 0.1 does not
-          "--patch-size", "32", "32", "32", "--batch-size", "8", "--lr-unet", "0.1"] +
+          "--epochs", str(args.pretrain_epochs), *dev, *PRETRAINING] +
          (["--overwrite"] if args.overwrite else []), train_env, "[3/6] SAR pre-training (brief)")
     trainers = ["nnUNetTrainerSAR_demo"] + ([] if args.no_baseline else ["nnUNetTrainer_demo"])
     for tr in trainers:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from os.path import isfile, join
 
-from nnunet_sar.demo import _exe  # the console scripts of this environment, as the demo runs them
+from nnunet_sar.demo import PRETRAINING, _exe  # the demo's pre-training and console-script lookup
 
 # arm: (fine-tuning trainer, pre-training run it starts from or None)
 ARMS = {
@@ -36,9 +36,14 @@ ARMS = {
     "sar_sawtooth": ("nnUNetTrainerSAR_sawtooth_demo", "sar_instance"),
     "sar_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_instance"),
     "sar_batchnorm_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_batch"),  # before
+    "sar_lr1e-2_m0.99": ("nnUNetTrainerSAR_demo", "sar_lr1e-2_m0.99"),
+    "sar_lr1e-2_m0.9": ("nnUNetTrainerSAR_demo", "sar_lr1e-2_m0.9"),
 }
-PRETRAININGS = {"sar_instance": ("sar", "instance"), "sar_batch": ("sar", "batch"),
-                "genesis_instance": ("genesis", "instance")}
+# pre-training run: (variant, options after the demo's own); the last option of a kind wins
+PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("sar", ["--norm", "batch"]),
+                "genesis_instance": ("genesis", ["--norm", "instance"]),
+                "sar_lr1e-2_m0.99": ("sar", ["--lr-unet", "0.01", "--momentum", "0.99"]),
+                "sar_lr1e-2_m0.9": ("sar", ["--lr-unet", "0.01", "--momentum", "0.9"])}
 TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
     "demo": (901, 10, 4, 1.0, 0.0, 1),
     "faint": (913, 5, 6, 0.4, 0.25, 21),
@@ -78,14 +83,13 @@ def prepare(root: str, targets: list[str], env: dict, log_file: str) -> dict:
 
 def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str) -> str:
     """One pre-training run as the demo makes it; returns a copy of its checkpoint (with its transfer check)."""
-    variant, norm = PRETRAININGS[key]
+    variant, options = PRETRAININGS[key]
     keep = join(env["nnUNet_results"], "pretrained", f"{key}_r{repeat}")
     if isfile(join(keep, "checkpoint_final.pth")):  # a rerun in the same folder re-uses it
         return join(keep, "checkpoint_final.pth")
     tid = first_target.split("_")[0][len("Dataset"):]
     _run([_exe("nnunet_sar_pretrain"), "-d", tid, "--sources", *[str(s[0]) for s in SOURCES], "--variant", variant,
-          "--norm", norm, "--epochs", "3", "--iters-per-epoch", "10", "--patch-size", "32", "32", "32",
-          "--batch-size", "8", "--lr-unet", "0.1", "--seed", str(1000 + repeat), "-device", "cpu", "--overwrite"],
+          "--epochs", "3", *PRETRAINING, *options, "--seed", str(1000 + repeat), "-device", "cpu", "--overwrite"],
          env, log_file)
     from nnunet_sar.checkpoint import pretrain_output_folder
     folder = pretrain_output_folder(first_target, variant, "nnUNetPlans", "3d_fullres")
@@ -177,7 +181,7 @@ def main(argv=None):
             continue
         ckpts = {key: pretrain(names[args.targets[0]], key, r, env, log_file) for key in needed}
         checks = {key: json.load(open(join(os.path.dirname(c), "transfer_check.json"))) for key, c in ckpts.items()}
-        results.setdefault("transfer_checks", {}).setdefault(str(r), checks)
+        results.setdefault("transfer_checks", {}).setdefault(str(r), {}).update(checks)
         for t in args.targets:
             for arm in args.arms:
                 done = results.setdefault(t, {}).setdefault(arm, [])

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-unet", type=float, default=d.lr_unet, help="SGD learning rate of the U-Net (paper: 1.0)")
     p.add_argument("--lr-scale", type=float, default=d.lr_scale, help="SGD learning rate of S (paper: 0.1)")
     p.add_argument("--lr-disc", type=float, default=d.lr_disc, help="SGD learning rate of M (paper: 1e-3)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum of every part [%(default)s]")
     p.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="ReduceLROnPlateau patience")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loading worker processes [nnUNet_n_proc_DA, else 4 on a GPU and 0 on the CPU]")
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normalisation while pre-training: the plans' own (instance norm, what nnU-Net fine-tunes) or batch "
                         "(the paper's U-Net, 3.3; does not transfer to nnU-Net's instance norm, see the transfer "
                         "check) [%(default)s]")
+    p.add_argument("--intensity", default=d.intensity, choices=["unit", "nnunet"],
+                   help="cube intensities: 'unit', each source's window scaled to [0, 1] (Models Genesis); 'nnunet', "
+                        "corrupted in that window, then normalised as nnU-Net normalises the target (CT with the "
+                        "target's CT parameters, MRI z-scored over its non-zero voxels) [%(default)s]")
     p.add_argument("--seed", type=int, default=d.seed, help="[%(default)s]")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="[%(default)s]")
     p.add_argument("-num_gpus", type=int, default=1,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .intensity import IDENTITY
 from .sources import Volume
 
 __all__ = [
@@ -98,7 +99,9 @@ class MultiScaleCubes(Dataset):
     count per scale for all volumes, or one row of counts per volume (per-source counts, Table 1).
 
     Items: ``{"image": float32 (1, *patch_size), "target": float32 (1, *patch_size),
-    "scale": int64 0-d tensor, "modality": int64 0-d tensor}``. Without ``transforms`` image == target
+    "scale": int64 0-d tensor, "modality": int64 0-d tensor, "intensity": float32 (5,)}``, the last the
+    volume's map to nnU-Net's normalisation (``intensity.py``, applied after the corruptions). Without
+    ``transforms`` image == target
     (corrupt later, e.g. batched on the GPU); with ``transforms`` (batchgeneratorsv2 style:
     ``transforms(image=..., regression_target=...) -> dict``) image is what it returns as ``image`` and
     target what it returns as ``regression_target`` (the clean cube, flipped along with the image).
@@ -109,7 +112,7 @@ class MultiScaleCubes(Dataset):
     """
 
     def __init__(self, volumes: list[Volume], patch_size, scales=SCALES, cubes_per_volume=DEFAULT_CUBES_PER_VOLUME,
-                 modalities: list[str] | None = None, transforms=None, seed: int = 0):
+                 modalities: list[str] | None = None, transforms=None, seed: int = 0, intensity_maps=None):
         self.volumes = list(volumes)
         if not self.volumes:
             raise ValueError("MultiScaleCubes needs at least one volume")
@@ -133,6 +136,10 @@ class MultiScaleCubes(Dataset):
         if missing:
             raise ValueError(f"volume modalities {missing} are not in modalities {self.modalities}")
         self._modality_index = [self.modalities.index(v.modality) for v in self.volumes]
+        maps = intensity_maps if intensity_maps is not None else [IDENTITY] * len(self.volumes)
+        if len(maps) != len(self.volumes):
+            raise ValueError(f"{len(maps)} intensity maps for {len(self.volumes)} volumes")
+        self._intensity = torch.tensor(maps, dtype=torch.float32)
         self.transforms = transforms
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -255,12 +262,13 @@ class MultiScaleCubes(Dataset):
             "target": target,
             "scale": torch.tensor(s, dtype=torch.int64),
             "modality": torch.tensor(self._modality_index[v], dtype=torch.int64),
+            "intensity": self._intensity[v].clone(),
         }
 
 
 def fixed_validation_cubes(volumes: list[Volume], patch_size, cubes_per_volume=(1, 1, 2), transforms=None,
                            seed: int = 0, *, scales=SCALES, modalities: list[str] | None = None,
-                           epoch: int = 0) -> dict:
+                           epoch: int = 0, intensity_maps=None) -> dict:
     """A fixed, seeded validation set (identical on every call): stacked ``image`` / ``target``
     (N, 1, *patch_size) float32, ``scale`` / ``modality`` (N,) int64, in plan order.
 
@@ -269,7 +277,7 @@ def fixed_validation_cubes(volumes: list[Volume], patch_size, cubes_per_volume=(
     len(volumes) * sum(cubes_per_volume) (1 MiB per cube pair at 32x64x64); keep cubes_per_volume small.
     """
     ds = MultiScaleCubes(volumes, patch_size, scales=scales, cubes_per_volume=cubes_per_volume,
-                         modalities=modalities, transforms=transforms, seed=seed)
+                         modalities=modalities, transforms=transforms, seed=seed, intensity_maps=intensity_maps)
     ds.set_epoch(epoch)
     items = [ds[i] for i in range(len(ds))]
-    return {k: torch.stack([it[k] for it in items]) for k in ("image", "target", "scale", "modality")}
+    return {k: torch.stack([it[k] for it in items]) for k in ("image", "target", "scale", "modality", "intensity")}

@@ -29,6 +29,7 @@ from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_wei
 from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions, tune_malloc
 from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, SCALE_NAMES, MultiScaleCubes, check_patch_size,
                                          fixed_validation_cubes)
+from nnunet_sar.pretraining.intensity import apply_intensity_map, intensity_maps
 from nnunet_sar.pretraining.logger import SARLogger
 from nnunet_sar.pretraining.model import SARNetwork
 from nnunet_sar.pretraining.objective import VARIANTS, SARObjective
@@ -69,6 +70,7 @@ class PretrainSettings:
     num_workers: int = 0
     cache_dir: str | None = None
     norm: str = "instance"              # the plans' own norm, so nnU-Net fine-tunes the function pre-trained here
+    intensity: str = "unit"             # "nnunet": cubes normalised as nnU-Net normalises the target (intensity.py)
     seed: int = 12345
     device: str = "cuda"
     preset: str | None = None           # "paper": the command line's --preset (PAPER_PRESET)
@@ -199,7 +201,7 @@ class SARPretrainer:
                 self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
             self.network = torch.nn.parallel.DistributedDataParallel(
                 self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.objective = SARObjective(s.alpha, s.beta)
+        self.objective = SARObjective(s.alpha, s.beta, s.intensity)
         net = self.sar_network
         groups = [{"params": net.unet.parameters(), "lr": s.lr_unet, "name": "unet"}]
         if net.scale_head is not None:
@@ -212,13 +214,18 @@ class SARPretrainer:
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
 
         self.transforms = genesis_corruptions(**s.corruptions)
+        maps = dict(zip((v.path for v in volumes), intensity_maps(  # over all volumes: the same on every rank
+            volumes, s.intensity, self.plans_manager, self.configuration_manager)))
+        train_maps, val_maps = [maps[v.path] for v in self.train_volumes], [maps[v.path] for v in self.val_volumes]
         self.train_cubes = MultiScaleCubes(self.train_volumes, self.patch_size,
                                            cubes_per_volume=counts[self.rank::self.world_size],
                                            modalities=self.modalities, seed=s.seed,
-                                           transforms=self.transforms if self.device.type == "cpu" else None)
+                                           transforms=self.transforms if self.device.type == "cpu" else None,
+                                           intensity_maps=train_maps)
         val_per_volume = [c if i in self.variant.scales else 0 for i, c in enumerate(s.val_cubes_per_volume)]
         self.val_batch = fixed_validation_cubes(self.val_volumes, self.patch_size, val_per_volume,
-                                                self.transforms, seed=s.seed + 1, modalities=self.modalities)
+                                                self.transforms, seed=s.seed + 1, modalities=self.modalities,
+                                                intensity_maps=val_maps)
         self.print_to_log_file(
             f"SAR pre-training '{s.variant}' ({self.variant.description}) for {self.dataset_name} / "
             f"{s.plans_identifier} / {s.configuration}: {len(self.train_volumes)} training and "
@@ -298,10 +305,12 @@ class SARPretrainer:
         target = batch["target"].to(self.device, non_blocking=True)
         if train and self.device.type != "cpu":  # corruptions run batched on the accelerator
             image, target = corrupt_batch(image, self.transforms)
+        maps = batch["intensity"]  # corrupted in the [0, 1] window, then normalised as nnU-Net will show them
+        image, target = apply_intensity_map(image, maps), apply_intensity_map(target, maps)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
             restored, scale_logits, modality_logits = self.network(image, self.s.adv_weight)
             terms = self.objective(restored, scale_logits, modality_logits, target,
-                                   batch["scale"].to(self.device), batch["modality"].to(self.device))
+                                   batch["scale"].to(self.device), batch["modality"].to(self.device), maps)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
             loss = terms["total"]

@@ -2,7 +2,10 @@
 
     min_{E,D,S} max_M   L_adv + alpha * L_scale + beta * L_res      (alpha = 1, beta = 10)
 
-- L_res (Eq. 1): MSE between sigmoid(D(E(x_hat))) and the clean cube x (as Models Genesis).
+- L_res (Eq. 1): MSE between sigmoid(D(E(x_hat))) and the clean cube x (as Models Genesis); with
+  ``--intensity nnunet`` the output is linear (z-scored targets are unbounded) and each cube's squared
+  error is weighted by its map's scale^2, i.e. measured in the [0, 1] window's units, so that beta = 10
+  keeps the paper's balance against L_scale and L_adv.
 - L_scale (Eq. 2): cross-entropy of S(E(x_hat)) against the crop-scale label.
 - L_adv (Eq. 3): cross-entropy of M's modality prediction. M minimises it; the encoder maximises it
   through the gradient reversal in ``SARNetwork`` (see ``nnunet_sar.heads``).
@@ -49,13 +52,24 @@ VARIANTS = {v.name: v for v in (
 
 
 class SARObjective(torch.nn.Module):
-    def __init__(self, alpha: float = 1.0, beta: float = 10.0):
+    def __init__(self, alpha: float = 1.0, beta: float = 10.0, intensity: str = "unit"):
         super().__init__()
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta, self.intensity = alpha, beta, intensity
 
-    def forward(self, restored, scale_logits, modality_logits, target, scale, modality) -> dict:
+    def restoration(self, restored: torch.Tensor) -> torch.Tensor:
+        """The restored cube from the network's output (what the transfer check compares too)."""
+        return torch.sigmoid(restored.float()) if self.intensity == "unit" else restored.float()
+
+    def restoration_error(self, restored_cube, target, intensity=None) -> torch.Tensor:
+        """L_res of restored cubes; with nnU-Net's intensities in the [0, 1] window's units (scale^2)."""
+        err = (restored_cube.float() - target.float()) ** 2
+        if self.intensity != "unit" and intensity is not None:
+            err = err * intensity[:, 3].float().to(err.device).view(-1, *[1] * (err.ndim - 1)) ** 2
+        return err.mean()
+
+    def forward(self, restored, scale_logits, modality_logits, target, scale, modality, intensity=None) -> dict:
         """All terms, the total to back-propagate, the scheduled loss and the heads' accuracies."""
-        out = {"res": F.mse_loss(torch.sigmoid(restored.float()), target.float())}
+        out = {"res": self.restoration_error(self.restoration(restored), target, intensity)}
         total = self.beta * out["res"]
         if scale_logits is not None:
             out["scale"] = F.cross_entropy(scale_logits.float(), scale)

@@ -25,6 +25,8 @@ import torch
 from nnunet_sar import SARError, one_line
 from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_checkpoint_file
 from nnunet_sar.network import build_network, build_pretraining_network, dataset_name, load_plans
+from nnunet_sar.pretraining.intensity import apply_intensity_map, intensity_maps
+from nnunet_sar.pretraining.objective import SARObjective
 
 TOLERANCE = 1.1  # (b) may be at most 10 % worse than (a)
 
@@ -45,9 +47,8 @@ def _norm_name(net: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def _restore(net: torch.nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    out = [torch.sigmoid(net(images[i:i + batch_size].to(device)).float()).cpu()
-           for i in range(0, len(images), batch_size)]
+def _restore(net: torch.nn.Module, images: torch.Tensor, batch_size: int, device, activation) -> torch.Tensor:
+    out = [activation(net(images[i:i + batch_size].to(device))).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
@@ -65,10 +66,15 @@ def check_transfer(checkpoint_file: str, val_batch: dict, batch_size: int, devic
     fine = build_network(pm, cm, 1, 1, deep_supervision=False)
     fine.load_state_dict(weights)  # strict: the fine-tuning network has exactly these keys
     fine.to(device).eval()
+    objective = SARObjective(intensity=s.get("intensity", "unit"))  # its restoration output and error
+    maps = val_batch.get("intensity")
     images, target = val_batch["image"].float(), val_batch["target"].float()
-    restored_pre, restored_fine = _restore(pre, images, batch_size, device), _restore(fine, images, batch_size, device)
+    if maps is not None:  # the cubes as the loop's _step sees them (nnU-Net's normalisation, if chosen)
+        images, target = apply_intensity_map(images, maps), apply_intensity_map(target, maps)
+    restored_pre = _restore(pre, images, batch_size, device, objective.restoration)
+    restored_fine = _restore(fine, images, batch_size, device, objective.restoration)
     mean = target.flatten(1).mean(1).view(-1, *[1] * (target.ndim - 1)).expand_as(target)
-    mse = lambda x: float(torch.mean((x - target) ** 2))  # noqa: E731
+    mse = lambda x: float(objective.restoration_error(x, target, maps))  # noqa: E731
     r = {"pretraining_network": mse(restored_pre), "finetuning_network": mse(restored_fine),
          "corrupted_input": mse(images), "cube_mean": mse(mean), "cubes": len(images), "norm": s.get("norm"),
          "checkpoint": os.path.abspath(checkpoint_file), "network_class": cm.network_arch_class_name,
@@ -98,7 +104,8 @@ def _picture(fname, images, target, pre, fine, r, n: int = 4):
     for row, i in enumerate(idx):
         for col, (title, x) in enumerate(cols):
             ax = axes[row, col]
-            ax.imshow(x[i, 0, x.shape[2] // 2].numpy(), cmap="gray", vmin=0, vmax=1)
+            lo, hi = float(target[i].min()), float(target[i].max())  # the clean cube's range, any intensity scheme
+            ax.imshow(x[i, 0, x.shape[2] // 2].numpy(), cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=10)
@@ -118,9 +125,11 @@ def validation_cubes_of(settings: dict) -> dict:
     volumes = preprocess_sources(settings["sources"], cache, num_processes=1, progress=False)
     _, val_volumes = split_train_val(volumes, settings["val_fraction"], settings["seed"])
     per_volume = [c if i in settings["scales"] else 0 for i, c in enumerate(settings["val_cubes_per_volume"])]
+    pm, cm, _ = load_plans(settings["dataset_name"], settings["plans_identifier"], settings["configuration"])
+    maps = dict(zip((v.path for v in volumes), intensity_maps(volumes, settings.get("intensity", "unit"), pm, cm)))
     return fixed_validation_cubes(val_volumes, settings["patch_size"], per_volume,
                                   genesis_corruptions(**settings["corruptions"]), seed=settings["seed"] + 1,
-                                  modalities=settings["modalities"])
+                                  modalities=settings["modalities"], intensity_maps=[maps[v.path] for v in val_volumes])
 
 
 def main(argv=None):

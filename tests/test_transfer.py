@@ -135,3 +135,44 @@ def test_pretrained_start_learns_a_faint_tumour_as_scratch_does(planned_target, 
     print("validation Dice:", dice, "pseudo Dice per epoch:", pseudo)
     assert dice["nnUNetTrainer"] > 0.5, (dice, pseudo)  # the target is learnable in these steps
     assert dice["nnUNetTrainerSAR"] > 0.3, (dice, pseudo)  # the pre-trained start learns it: no collapse
+
+
+def test_intensity_maps_normalise_as_nnunet_does(tmp_path):
+    """--intensity nnunet: an MRI volume comes out z-scored over its non-zero voxels with background 0; a CT
+    volume is clipped to the target's CT percentiles and z-scored with the target's mean and std."""
+    import numpy as np
+    from types import SimpleNamespace
+    from nnunet_sar.pretraining.intensity import IDENTITY, apply_intensity_map, intensity_maps
+    rng = np.random.default_rng(0)
+    mri = np.zeros((8, 8, 8), np.float32)
+    mri[2:6, 2:6, 2:6] = rng.uniform(0.1, 0.5, (4, 4, 4))
+    ct = rng.uniform(0, 1, (8, 8, 8)).astype(np.float32)  # cache units: HU = -1000 + 2000 v
+    vols = []
+    for name, arr, modality in (("mri", mri, "MRI"), ("ct", ct, "CT")):
+        np.save(tmp_path / f"{name}.npy", arr)
+        vols.append(SimpleNamespace(path=str(tmp_path / f"{name}.npy"), modality=modality, source=name))
+    props = {"percentile_00_5": -100.0, "percentile_99_5": 200.0, "mean": 40.0, "std": 50.0}
+    plans = SimpleNamespace(plans={"foreground_intensity_properties_per_channel": {"0": props}})
+    conf = SimpleNamespace(normalization_schemes=["CTNormalization"])
+    assert intensity_maps(vols, "unit") == [IDENTITY, IDENTITY]
+    maps = torch.tensor(intensity_maps(vols, "nnunet", plans, conf))
+    out = apply_intensity_map(torch.from_numpy(np.stack([mri, ct]))[:, None], maps)
+    m = out[0, 0][torch.from_numpy(mri) > 0]
+    assert float(m.mean()) == pytest.approx(0.0, abs=1e-5) and float(m.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    assert float(out[0, 0][torch.from_numpy(mri) == 0].abs().max()) == 0.0
+    hu = np.clip(-1000 + 2000 * ct.astype(np.float64), -100, 200)
+    assert torch.allclose(out[1, 0].double(), torch.from_numpy((hu - 40) / 50), atol=1e-4)
+
+
+def test_pretraining_in_nnunet_intensities_transfers(tiny_plans, results):
+    """--intensity nnunet: the cubes the network sees are nnU-Net's normalisation (not [0, 1]), the output is
+    linear, and the fine-tuning network still restores as the pre-training network does."""
+    t, r = _pretrain(tiny_plans, intensity="nnunet", epochs=2)
+    print(r)
+    batch = {k: v[:4] for k, v in t.val_batch.items()}
+    from nnunet_sar.pretraining.intensity import apply_intensity_map
+    target = apply_intensity_map(batch["target"], batch["intensity"])
+    assert float(target.min()) < -0.5 and float(target.max()) > 1.5  # z-scores, not the [0, 1] window
+    assert r["finetuning_network"] <= 1.1 * r["pretraining_network"] and r["finetuning_network"] < r["corrupted_input"], r
+    with open(join(t.output_folder, "settings.json")) as f:
+        assert json.load(f)["intensity"] == "nnunet"
