@@ -34,9 +34,9 @@ def _exe(name: str) -> str:
     return candidate if os.path.exists(candidate) else name
 
 
-# The demo's brief pre-training (after --epochs): the transfer benchmark pre-trains the same way.
-# Small cubes in batches of 8; the paper's lr 1.0 collapsed the restoration output in our short CPU runs.
-PRETRAINING = ["--iters-per-epoch", "10", "--patch-size", "32", "32", "32", "--batch-size", "8", "--lr-unet", "0.1"]
+# The demo's brief pre-training (after --epochs), otherwise nnunet_sar_pretrain's defaults: small cubes in
+# batches of 8. The transfer benchmark pre-trains the same way.
+PRETRAINING = ["--iters-per-epoch", "10", "--patch-size", "32", "32", "32", "--batch-size", "8"]
 
 
 def main(argv=None):

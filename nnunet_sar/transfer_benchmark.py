@@ -38,12 +38,16 @@ ARMS = {
     "sar_batchnorm_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_batch"),  # before
     "sar_lr1e-2_m0.99": ("nnUNetTrainerSAR_demo", "sar_lr1e-2_m0.99"),
     "sar_lr1e-2_m0.9": ("nnUNetTrainerSAR_demo", "sar_lr1e-2_m0.9"),
+    "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),
+    "sar_lr1e-2_m0.9_nnunet": ("nnUNetTrainerSAR_demo", "sar_lr1e-2_m0.9_nnunet"),
 }
 # pre-training run: (variant, options after the demo's own); the last option of a kind wins
 PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("sar", ["--norm", "batch"]),
                 "genesis_instance": ("genesis", ["--norm", "instance"]),
                 "sar_lr1e-2_m0.99": ("sar", ["--lr-unet", "0.01", "--momentum", "0.99"]),
-                "sar_lr1e-2_m0.9": ("sar", ["--lr-unet", "0.01", "--momentum", "0.9"])}
+                "sar_lr1e-2_m0.9": ("sar", ["--lr-unet", "0.01", "--momentum", "0.9"]),
+                "sar_lr0": ("sar", ["--lr-unet", "0"]),
+                "sar_lr1e-2_m0.9_nnunet": ("sar", ["--lr-unet", "0.01", "--momentum", "0.9", "--intensity", "nnunet"])}  # control: the U-Net as initialised, nothing learned
 TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
     "demo": (901, 10, 4, 1.0, 0.0, 1),
     "faint": (913, 5, 6, 0.4, 0.25, 21),

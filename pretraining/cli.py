@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=d.beta, help="weight of L_res (paper: 10) [%(default)s]")
     p.add_argument("--adv-weight", type=float, default=d.adv_weight,
                    help="gradient-reversal weight of L_adv on the encoder; 0 trains M as a probe only [%(default)s]")
-    p.add_argument("--lr-unet", type=float, default=d.lr_unet, help="SGD learning rate of the U-Net (paper: 1.0)")
+    p.add_argument("--lr-unet", type=float, default=d.lr_unet, help="SGD learning rate of the U-Net (paper: 1.0) [%(default)s]")
     p.add_argument("--lr-scale", type=float, default=d.lr_scale, help="SGD learning rate of S (paper: 0.1)")
     p.add_argument("--lr-disc", type=float, default=d.lr_disc, help="SGD learning rate of M (paper: 1e-3)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum of every part [%(default)s]")
