@@ -217,7 +217,7 @@ def check_pretrain_steps(rep: Report, device: str, sz: dict, root: str) -> str |
                   "corrupt_batch ran inside _step on CUDA batches", **fig)
         rep.check("pretrain_steps.amp_autocast_fp16", finite, "losses finite under autocast", total_loss=fig["total_loss"])
         rep.check("pretrain_steps.grad_scaler_cuda", sane and moved > 0,
-                  "scale within [1, 2^24], weights moved", grad_scale=scales)
+                  "scale within [1, 2^24], weights moved", grad_scale=scales, scale_range=[min(scales), max(scales)])
     else:
         rep.needs_cuda("pretrain_steps.corruptions_on_device_in_step", "_step corrupts only when the device is not the "
                        "CPU; corrupt_batch ran on CPU batches fed to _step in its place (next entry)")
@@ -227,7 +227,7 @@ def check_pretrain_steps(rep: Report, device: str, sz: dict, root: str) -> str |
         rep.needs_cuda("pretrain_steps.grad_scaler_cuda", "the loop makes its GradScaler on CUDA only")
         rep.check("pretrain_steps.grad_scaler_branch_cpu", sane and moved > 0,
                   "torch.amp.GradScaler('cpu') through _step's scaler branch: scale within [1, 2^24], weights moved",
-                  grad_scale=scales)
+                  grad_scale=scales, scale_range=[min(scales), max(scales)])
     ckpt = join(root, "gpu_check_steps.pth")
     tr.save_checkpoint(ckpt)
     return ckpt
@@ -435,8 +435,9 @@ def corruption_statistics(device: str, n: int, cube_shape, seed: int = 7) -> dic
     expected = {"flip": net_flip_rate(0.4), "shuffle": 0.5 * (1 - box_one), "nonlinear": 0.9, "inverted_share": 0.5,
                 "paint": 0.9 * (1 - 0.2 * 0.05), "outpaint_share": 0.8 / (0.8 + 0.2 * 0.95)}
     res = {"samples_per_path": n, "cube": shape, "expected": expected, "paths": {}, "checks": {}}
-    for path in (device, "cpu-per-cube"):
-        obs = {k: corruption_samples(k, path, n, shape, seed) for k in STAT_PIPELINES}
+    batch_path = f"corrupt_batch on {device}"
+    for path, where in ((batch_path, device), ("per cube on cpu", "cpu-per-cube")):
+        obs = {k: corruption_samples(k, where, n, shape, seed) for k in STAT_PIPELINES}
         painted = [o for o in obs["paint"] if o["applied"]]
         applied_nl = [o for o in obs["nonlinear"] if o["applied"]]
         noise_n = sum(o["noise_n"] for o in painted)
@@ -450,7 +451,7 @@ def corruption_statistics(device: str, n: int, cube_shape, seed: int = 7) -> dic
             "min": min(o["min"] for v in obs.values() for o in v), "max": max(o["max"] for v in obs.values() for o in v),
             "noise_mean": sum(o["noise_sum"] for o in painted) / max(1, noise_n), "noise_voxels": noise_n,
         }
-    d, c = res["paths"][device]["counts"], res["paths"]["cpu-per-cube"]["counts"]
+    d, c = res["paths"][batch_path]["counts"], res["paths"]["per cube on cpu"]["counts"]
     checks = res["checks"]
     for name, key, denom_key, p in (("flip rate", "flip", None, expected["flip"]),
                                     ("shuffle rate", "shuffle", None, expected["shuffle"]),
@@ -459,9 +460,9 @@ def corruption_statistics(device: str, n: int, cube_shape, seed: int = 7) -> dic
                                     ("painting rate", "paint", None, expected["paint"]),
                                     ("out-painting share", "outpaint", "paint", expected["outpaint_share"])):
         nd, nc = (d[denom_key], c[denom_key]) if denom_key else (n, n)
-        checks[f"{name}: {device} vs expected"] = _rate_ok(d[key], nd, p)
-        checks[f"{name}: cpu vs expected"] = _rate_ok(c[key], nc, p)
-        checks[f"{name}: {device} vs cpu"] = _two_ok(d[key] * min(nd, nc) / max(nd, 1), c[key] * min(nd, nc) / max(nc, 1),
+        checks[f"{name}: batch vs expected"] = _rate_ok(d[key], nd, p)
+        checks[f"{name}: per cube vs expected"] = _rate_ok(c[key], nc, p)
+        checks[f"{name}: batch vs per cube"] = _two_ok(d[key] * min(nd, nc) / max(nd, 1), c[key] * min(nd, nc) / max(nc, 1),
                                                     max(1, min(nd, nc)))
     for path, r in res["paths"].items():
         checks[f"{path}: flips applied to input and target alike"] = r["flips_alike"]
@@ -679,14 +680,14 @@ def table(res: dict) -> str:
     tp = next((e for e in res["entries"] if e["path"] == "throughput" and "rows" in e["figures"]), None)
     if tp:
         lines.append("")
-        lines.append(f"{'SAR _step':<12}{'size':<14}{'batch':>6}{'amp':>5}{'steps/s':>9}{'cubes/s':>9}{'GiB':>7}"
+        lines.append(f"{'SAR _step':<12}{'size':<14}{'batch':>6}{'amp':>6}{'steps/s':>9}{'cubes/s':>9}{'GiB':>7}"
                      f"  loader cubes/s by workers  bottleneck")
         for r in tp["figures"]["rows"]:
             if r.get("oom"):
-                lines.append(f"{r['patch']:<12}{'x'.join(map(str, r['size'])):<14}{r['batch']:>6}{str(r['amp']):>5}  OOM")
+                lines.append(f"{r['patch']:<12}{'x'.join(map(str, r['size'])):<14}{r['batch']:>6}{str(r['amp']):>6}  OOM")
                 continue
             mem = f"{r['peak_gpu_mem_gib']:.1f}" if "peak_gpu_mem_gib" in r else "-"
-            lines.append(f"{r['patch']:<12}{'x'.join(map(str, r['size'])):<14}{r['batch']:>6}{str(r['amp']):>5}"
+            lines.append(f"{r['patch']:<12}{'x'.join(map(str, r['size'])):<14}{r['batch']:>6}{str(r['amp']):>6}"
                          f"{r['steps_per_s']:>9.2f}{r['cubes_per_s']:>9.1f}{mem:>7}  "
                          f"{' '.join(f'{w}:{v:.0f}' for w, v in r['loader_cubes_per_s'].items()):<26} {r['bottleneck']}")
         f = tp["figures"]

@@ -26,6 +26,12 @@ def test_cpu_form_of_the_gpu_check(tmp_path):
     res = json.loads(out.read_text())
     status = {e["path"]: e["status"] for e in res["entries"]}
     assert done.returncode == 0, (status, done.stdout[-3000:], done.stderr[-3000:])
+    check_cpu_form_result(res, (tmp_path / "check.txt").read_text())
+
+
+def check_cpu_form_result(res: dict, text: str):
+    """Every entry and figure of a CPU-form result (also usable on a kept gpu_check_cpu.json)."""
+    status = {e["path"]: e["status"] for e in res["entries"]}
     assert status == {**{p: "pass" for p in CPU_PASS}, **{p: gpu_check.NEEDS_CUDA for p in CPU_NEEDS_CUDA}}
     fig = {e["path"]: e["figures"] for e in res["entries"]}
 
@@ -35,11 +41,12 @@ def test_cpu_form_of_the_gpu_check(tmp_path):
     assert all(math.isfinite(v) for v in steps["total_loss"])
     scales = fig["pretrain_steps.grad_scaler_branch_cpu"]["grad_scale"]
     assert len(scales) == steps["steps"] and all(1 <= s <= 2 ** 24 for s in scales)
+    assert fig["pretrain_steps.grad_scaler_branch_cpu"]["scale_range"] == [min(scales), max(scales)]
     assert fig["checkpoint_cpu_only"]["tensor_devices"] == ["cpu"] and not fig["checkpoint_cpu_only"]["cuda_available"]
     assert fig["checkpoint_cpu_only"]["loaded_equal"] and fig["checkpoint_cpu_only"]["n_weights"] > 10
     assert fig["resume_bit_identical"]["differing"] == [] and len(fig["resume_bit_identical"]["val_loss"]) == 2
     stats = fig["corruption_statistics"]
-    assert stats["all_within_bounds"] and all(stats["checks"].values()) and len(stats["checks"]) >= 28
+    assert stats["all_within_bounds"] and all(stats["checks"].values()) and len(stats["checks"]) == 28
     ddp = fig["ddp_torchrun_1proc_gloo"]
     assert ddp["ddp_active"] and ddp["bitwise_equal"] and ddp["max_abs_weight_diff"] == 0.0
 
@@ -60,7 +67,6 @@ def test_cpu_form_of_the_gpu_check(tmp_path):
     assert ft["sar_epoch_s"] == pytest.approx(250 * ft["sar_step_s"])
     assert ft["overhead_per_epoch_s"] == pytest.approx(ft["sar_epoch_s"] - ft["plain_epoch_s"])
 
-    text = (tmp_path / "check.txt").read_text()
     for path, s in status.items():
         assert any(line.startswith(path) and s in line for line in text.splitlines()), (path, text)
     assert res["summary"] == f"{len(CPU_PASS)} pass, 0 fail, {len(CPU_NEEDS_CUDA)} {gpu_check.NEEDS_CUDA}"
@@ -95,7 +101,8 @@ def test_corruption_statistics_on_cpu_tensors_within_bounds():
     failed = [k for k, v in res["checks"].items() if not v]
     assert not failed, (failed, res["paths"])
     assert res["expected"]["flip"] == pytest.approx(0.368)  # 0.4 * 0.6 + 0.16 * 0.6 * 2/3 + 0.064
-    for path in ("cpu", "cpu-per-cube"):
+    assert set(res["paths"]) == {"corrupt_batch on cpu", "per cube on cpu"} and len(res["checks"]) == 28
+    for path in res["paths"]:
         c = res["paths"][path]["counts"]
         assert 0 < c["outpaint"] < c["paint"] and 0 < c["inverted"] < c["nonlinear"]
 
