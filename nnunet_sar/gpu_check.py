@@ -65,7 +65,7 @@ SIZES = {
     "cuda": {"steps": 20, "step_batch": 16, "step_patch": [32, 64, 64], "resume_iters": 5, "resume_batch": 8,
              "stat_samples": 400, "stat_cube": [32, 64, 64], "paper_cube": [32, 64, 64], "batches": [8, 16, 32],
              "workers": [0, 4, 8], "warmup": 2, "timed": 8, "loader_batches": 12, "finetune_iterations": 8,
-             "fullres_shape": [160, 160, 160], "fullres_cases": 4},
+             "fullres_shape": [160, 160, 160], "fullres_cases": 5},  # nnU-Net splits 5 folds: >= 5 cases
 }
 
 

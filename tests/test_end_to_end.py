@@ -22,6 +22,7 @@ def test_console_scripts_have_help():
     assert "--sources" in run([exe("nnunet_sar_pretrain"), "--help"]).stdout
 
 
+@pytest.mark.slow  # needs the pre-training run of the `pretrained` fixture
 def test_pretrain_refuses_to_overwrite_a_run(pretrained):
     done = run([exe("nnunet_sar_pretrain"), "-d", str(TARGET_ID), "--sources", "802", "803", "-device", "cpu"],
                check=False)
