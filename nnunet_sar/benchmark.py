@@ -423,6 +423,10 @@ def build_parser():
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="leave glibc malloc alone (default: corruptions.tune_malloc() in this process)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder, removed)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="instead: one run of every accelerator path (AMP, corruptions on the device, CPU-only checkpoint "
+                        "load, --continue, DDP, throughput), pass/fail per path; -device cpu runs its tiny CPU form; "
+                        "'nnunet_sar_benchmark --gpu-check --help' lists its options")
     p.add_argument("--transfer", action="store_true",
                    help="instead: the transfer benchmark (fine-tuning Dice from each pre-trained start against scratch "
                         "on phantom targets); 'nnunet_sar_benchmark --transfer --help' lists its options")
@@ -435,6 +439,9 @@ def _row(name, ours, ref, unit, target):
 
 def main(argv=None):
     argv_list = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu-check" in argv_list:  # every accelerator path, with its own options (nnunet_sar.gpu_check)
+        from nnunet_sar.gpu_check import main as gpu_check_main
+        sys.exit(gpu_check_main([a for a in argv_list if a != "--gpu-check"]))
     if "--transfer" in argv_list:  # a benchmark of its own, with its own options
         from nnunet_sar.transfer_benchmark import main as transfer_main
         return transfer_main([a for a in argv_list if a != "--transfer"])

@@ -49,7 +49,13 @@ def main(argv=None):
     p.add_argument("--pretrain-epochs", type=int, default=3, help="[%(default)s]")
     p.add_argument("--no-baseline", action="store_true", help="skip the from-scratch nnUNetTrainer_demo run")
     p.add_argument("--overwrite", action="store_true", help="recreate the phantom datasets and runs if they exist")
+    p.add_argument("--tiny", action="store_true",
+                   help="the smallest run of every step (32^3 phantoms, 5 + 2 target cases, 1 pre-training epoch of "
+                        "2 iterations, nnUNetTrainerSAR_check: 1 epoch of 2 iterations, no baseline), for "
+                        "nnunet_sar_benchmark --gpu-check -device cpu; its Dice means nothing")
     args = p.parse_args(argv)
+    if args.tiny:
+        args.pretrain_epochs, args.no_baseline = 1, True
 
     from nnunet_sar.phantoms import write_phantom_dataset
 
@@ -75,19 +81,23 @@ def main(argv=None):
 
     print(f"=== [1/6] phantoms in {raw}", flush=True)
     tid, tname = TARGET
-    target = write_phantom_dataset(raw, tid, tname, "MRI", num_training=10, num_test=4, shape=(48, 48, 48),
+    side, n_train, n_test, n_source = (32, 5, 2, 3) if args.tiny else (48, 10, 4, 6)
+    target = write_phantom_dataset(raw, tid, tname, "MRI", num_training=n_train, num_test=n_test, shape=(side,) * 3,
                                    seed=1, overwrite=args.overwrite)
     for sid, sname, modality in SOURCES:  # anisotropic sources: pre-training resamples them to 1 mm
-        write_phantom_dataset(raw, sid, sname, modality, num_training=6, shape=(32, 48, 48), spacing=(1.5, 1.0, 1.0),
-                              seed=100 + sid, overwrite=args.overwrite)
+        write_phantom_dataset(raw, sid, sname, modality, num_training=n_source, shape=(2 * side // 3, side, side),
+                              spacing=(1.5, 1.0, 1.0), seed=100 + sid, overwrite=args.overwrite)
     dataset = f"Dataset{tid:03d}_{tname}"
     dev = ["-device", args.device]
+    plan_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env.get("nnUNet_n_proc_DA") or 1)))}  # the planner crashes with 0
     _run([_exe("nnUNetv2_plan_and_preprocess"), "-d", str(tid), "-c", "3d_fullres", "--verify_dataset_integrity",
-          "-np", "2"], env, "[2/6] nnU-Net planning and preprocessing of the target")
+          "-np", "2"], plan_env, "[2/6] nnU-Net planning and preprocessing of the target")
     _run([_exe("nnunet_sar_pretrain"), "-d", str(tid), "--sources", *[str(s[0]) for s in SOURCES],
-          "--epochs", str(args.pretrain_epochs), *dev, *PRETRAINING] +
+          "--epochs", str(args.pretrain_epochs), *dev, *PRETRAINING,
+          *(["--iters-per-epoch", "2", "--batch-size", "4"] if args.tiny else [])] +  # the last of an option wins
          (["--overwrite"] if args.overwrite else []), train_env, "[3/6] SAR pre-training (brief)")
-    trainers = ["nnUNetTrainerSAR_demo"] + ([] if args.no_baseline else ["nnUNetTrainer_demo"])
+    trainers = ["nnUNetTrainerSAR_check" if args.tiny else "nnUNetTrainerSAR_demo"] + (
+        [] if args.no_baseline else ["nnUNetTrainer_demo"])
     for tr in trainers:
         _run([_exe("nnUNetv2_train"), str(tid), "3d_fullres", "0", "-tr", tr, *dev], train_env,
              f"[4/6] nnU-Net fine-tuning, fold 0: {tr}")

@@ -188,7 +188,7 @@ def _run(rank: int, world_size: int, settings, continue_training: bool, overwrit
     import torch.distributed as dist
     from nnunet_sar.pretraining.loop import SARPretrainer
     try:
-        if world_size > 1:
+        if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun --nproc_per_node 1 runs DDP too
             dist.init_process_group("nccl" if settings.device == "cuda" else "gloo", rank=rank, world_size=world_size)
         trainer = SARPretrainer(settings)
         trainer.initialize(continue_training=continue_training, overwrite=overwrite)
@@ -197,7 +197,7 @@ def _run(rank: int, world_size: int, settings, continue_training: bool, overwrit
         print("nnunet_sar_pretrain: error: " + one_line(e), file=sys.stderr)  # always one line
         sys.exit(2)
     finally:
-        if world_size > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

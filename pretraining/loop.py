@@ -37,6 +37,20 @@ from nnunet_sar.pretraining.sources import preprocess_sources, split_train_val
 from nnunet_sar.pretraining.transfer_check import check_transfer
 
 
+def _on_cpu(obj):
+    """``obj`` with every tensor in its dicts, lists and tuples on the CPU (a GPU run's optimizer state:
+    nnU-Net's ``-pretrained_weights`` reads a checkpoint without map_location, so a CUDA tensor anywhere in
+    it fails to load on a CPU-only machine; ``Optimizer.load_state_dict`` moves the state back to the
+    parameters' device on --continue)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 def _tune_malloc_in_worker(worker_id: int):
     tune_malloc()
 
@@ -445,7 +459,7 @@ class SARPretrainer:
             "network_weights": weights,  # exactly nnU-Net's keys: the -pretrained_weights format
             "norm_statistics": {k: v for k, v in unet.items() if k not in weights},  # batch norm, for --continue
             **heads,
-            "optimizer_state": self.optimizer.state_dict(),
+            "optimizer_state": _on_cpu(self.optimizer.state_dict()),  # loadable without a GPU (nnU-Net: no map_location)
             "lr_scheduler_state": self.lr_scheduler.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),

@@ -66,6 +66,7 @@ def _latest_epoch(folder):
     return load_checkpoint_file(join(folder, "checkpoint_latest.pth"))["current_epoch"]
 
 
+@pytest.mark.slow  # pre-training runs through the console script
 def test_kill_9_then_continue_ends_with_the_weights_of_an_uninterrupted_run(tiny_plans, tmp_path):
     from nnunet_sar.checkpoint import load_checkpoint_file
     cmd = _pretrain_cmd("--sources", *map(str, SOURCE_IDS), "--epochs", "2", "--iters-per-epoch", "2")
@@ -139,6 +140,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failur
     assert _no_temp_files(tmp_path)
 
 
+@pytest.mark.slow  # whole pre-training runs / a killed process
 def test_kill_9_during_save_never_leaves_a_broken_checkpoint(tmp_path):
     """A process that saves a 40 MB checkpoint over and over, killed at 3 moments: the file always loads."""
     from nnunet_sar.checkpoint import atomic_save, load_checkpoint_file
@@ -183,6 +185,7 @@ def test_truncated_checkpoint_is_one_line_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- 4. non-finite losses
+@pytest.mark.slow  # whole pre-training runs / a killed process
 def test_non_finite_loss_later_keeps_the_last_good_checkpoint(tiny_plans, tmp_path, monkeypatch):
     """Epoch 1 is fine, epoch 2 diverges: the error names epoch 2 and the term, checkpoint_latest.pth of
     epoch 1 stays byte for byte and loads. (Divergence from the start, through the CLI: see cli_runs.)"""
@@ -321,7 +324,8 @@ BAD_INPUTS = ["missing_file", "corrupt_dataset_json", "corrupt_file", "two_d", "
               "cache_under_a_file"]
 
 
-@pytest.mark.parametrize("name", BAD_INPUTS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in IN_SUBPROCESS else n
+                                  for n in BAD_INPUTS])  # slow: the console-script runs of cli_runs
 def test_bad_input_is_one_line_error_before_training(tiny_plans, bad, name, monkeypatch, capsys, request):
     cases = _bad_cases(bad)
     assert sorted(cases) == sorted(BAD_INPUTS)
@@ -338,6 +342,7 @@ def test_bad_input_is_one_line_error_before_training(tiny_plans, bad, name, monk
         assert not [f for _, _, fs in os.walk(folder) for f in fs if f.endswith(".pth")]
 
 
+@pytest.mark.slow  # pre-training runs through the console script
 def test_non_finite_loss_from_the_start_names_epoch_and_term(cli_runs, bad):
     line = assert_one_line_error(cli_runs["nan_loss_from_the_start"], "non-finite", "in epoch 1", "loss term '")
     folder = join(bad["root"], "results", "nan_loss_from_the_start", TARGET, RUN_DIR)
@@ -345,6 +350,7 @@ def test_non_finite_loss_from_the_start_names_epoch_and_term(cli_runs, bad):
     assert "checkpoint_latest.pth" not in line  # no claim of a checkpoint that does not exist
 
 
+@pytest.mark.slow  # pre-training runs through the console script
 def test_volume_smaller_than_the_crop_is_padded_with_a_warning(cli_runs, bad):
     done = cli_runs["volume_smaller_than_the_crop"]
     assert done.returncode == 0, done.stderr[-4000:]

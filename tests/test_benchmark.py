@@ -1,5 +1,7 @@
 """nnunet_sar_benchmark at toy sizes: both pipelines make valid cubes, the summary line has the agreed
-format, the memory helper measures something. No timing thresholds (machines and load differ)."""
+format, the memory helpers read the right lines in the right unit. The one timing assertion is a wide
+margin (ours faster than the plain-loop reference at all; it is > 10x at real sizes), measured interleaved
+so that machine load hits both sides."""
 import re
 
 import numpy as np
@@ -26,8 +28,8 @@ def test_reference_and_ours_make_cubes_in_unit_range(tmp_path):
             assert 0.0 <= a.min() and a.max() <= 1.0
     assert any(not np.array_equal(x, y) for x, y in pairs)  # the reference corrupts
 
-    ours, ref = benchmark.throughput(volumes, TOY_PATCH, n_ours=3, n_ref=1, rounds=1)
-    assert ours > 0 and ref > 0
+    ours, ref = benchmark.throughput(volumes, TOY_PATCH, n_ours=8, n_ref=2, rounds=2)
+    assert ours > 1.5 * ref, (ours, ref)  # a regression to a python loop per voxel box would fail this
 
 
 def test_reference_corruptions_each_keep_shape_and_range():
@@ -45,7 +47,21 @@ def test_summary_line_format():
     assert re.fullmatch(r"speedup 64x64x32: \d+\.\dx 128\^3: \d+\.\dx", line)
 
 
-def test_peak_rss_helper_is_positive(tmp_path):
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def test_memory_helpers_read_the_peak_in_mib(tmp_path):
+    before = _status_kb("VmHWM")
+    mib = benchmark.vm_hwm_mb()
+    after = _status_kb("VmHWM")
+    assert before <= mib * 1024 <= after  # the peak, in MiB (a kB / MB mix-up or another line would fail)
+    assert abs(benchmark.vm_hwm_mb("VmRSS") * 1024 - _status_kb("VmRSS")) < 64 * 1024  # another field by name
+
     benchmark.write_volumes(str(tmp_path), 3, shape=(24, 24, 24))
-    assert benchmark.peak_rss_mb(str(tmp_path), 3, patch=TOY_PATCH) > 0
-    assert benchmark.vm_hwm_mb() > 0
+    fields = benchmark.peak_rss_mb(str(tmp_path), 3, patch=TOY_PATCH, fields=True)
+    # the peak of the child is at least what it held at the end, and a process that imported torch holds > 50 MiB
+    assert fields["VmHWM"] >= fields["RssAnon"] + fields["RssFile"] - 1
+    assert 50 < fields["VmHWM"] < 64 * 1024
+    assert fields["RssFile"] > 0  # the memory-mapped volumes and libraries are file-backed

@@ -21,7 +21,20 @@ from nnunet_sar.pretraining.cubes import (
 )
 from nnunet_sar.pretraining.sources import Volume, preprocess_sources
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+# the project's shared real volumes: X/shared/data/real beside a checkout at X/main (any checkout folder name);
+# NNUNET_SAR_REAL_DATA points elsewhere. NNUNET_SAR_REQUIRE_REAL_DATA=1 (.ci/run) turns their absence into a failure.
+REAL = Path(os.environ.get("NNUNET_SAR_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
+REAL_FILES = ("example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "breast1_image.nrrd")
+
+
+def require_real_data():
+    missing = [f for f in REAL_FILES if not (REAL / f).is_file()]
+    if not missing:
+        return
+    message = f"real CT/MRI volumes missing from {REAL}: {', '.join(missing)}"
+    if os.environ.get("NNUNET_SAR_REQUIRE_REAL_DATA") == "1":
+        pytest.fail(message + " (NNUNET_SAR_REQUIRE_REAL_DATA=1; set NNUNET_SAR_REAL_DATA to their folder)")
+    pytest.skip(message)
 
 
 def make_volume(tmp_path, name, shape, modality="CT", dtype=np.float16, values=None):
@@ -218,8 +231,8 @@ def test_fixed_validation_cubes(vols):
     assert set(only_mri["modality"].tolist()) == {1}
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} absent")
 def test_real_ct_and_mri(tmp_path):
+    require_real_data()
     ct, mr = tmp_path / "ct", tmp_path / "mr"
     ct.mkdir()
     mr.mkdir()
@@ -257,3 +270,25 @@ def test_separable_resize_equals_trilinear_interpolation(shape, size):
     expected = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     assert out.is_contiguous()
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_real_data_absence_fails_when_required(tmp_path, monkeypatch):
+    """CI must not pass by skipping: with NNUNET_SAR_REQUIRE_REAL_DATA=1 a missing folder fails the test."""
+    import sys
+    monkeypatch.setattr(sys.modules[__name__], "REAL", tmp_path / "absent")
+    monkeypatch.setenv("NNUNET_SAR_REQUIRE_REAL_DATA", "1")
+    with pytest.raises(pytest.fail.Exception, match="real CT/MRI volumes missing"):
+        require_real_data()
+    monkeypatch.delenv("NNUNET_SAR_REQUIRE_REAL_DATA")
+    with pytest.raises(pytest.skip.Exception):
+        require_real_data()
+
+
+def test_real_data_is_found_beside_the_checkout():
+    """A checkout at X/<any name> finds X/shared/data/real (the project's layout), unless the env points elsewhere."""
+    if os.environ.get("NNUNET_SAR_REAL_DATA"):
+        pytest.skip("NNUNET_SAR_REAL_DATA set")
+    checkout = Path(__file__).resolve().parents[1]
+    assert REAL == checkout.parent / "shared" / "data" / "real"
+    if os.environ.get("NNUNET_SAR_REQUIRE_REAL_DATA") == "1":
+        assert all((REAL / f).is_file() for f in REAL_FILES), REAL

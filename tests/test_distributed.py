@@ -2,8 +2,11 @@
 import os
 from os.path import join
 
+import pytest
 import torch
 from conftest import SOURCE_IDS, TARGET, exe, run
+
+pytestmark = pytest.mark.slow  # two pre-training processes through the console script
 
 
 def test_two_process_ddp_pretraining(tiny_plans, tmp_path):

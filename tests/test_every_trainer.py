@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import SOURCE_IDS, TARGET
 
+pytestmark = pytest.mark.slow  # minutes: every trainer of Tables 2-4 trains and predicts
+
 FRACTIONS = (2, 5, 10, 20, 50)
 VARIANT_OF = {  # trainer -> the pre-training variant it starts from (None: from scratch)
     "nnUNetTrainerSAR": "sar", "nnUNetTrainerGenesis": "genesis", "nnUNetTrainerSAR_SAonly": "sa",

@@ -60,6 +60,7 @@ def test_missing_plans_names_the_nnunet_command():
         load_plans(809)
 
 
+@pytest.mark.slow  # needs the pre-training run of the `pretrained` fixture
 def test_pretraining_checkpoint_has_nnunet_format(pretrained):
     from nnunet_sar.network import build_target_network, load_plans
     ckpt = torch.load(join(pretrained, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
@@ -77,6 +78,7 @@ def test_pretraining_checkpoint_has_nnunet_format(pretrained):
     assert torch.equal(net.state_dict()[key], ckpt["network_weights"][key])
 
 
+@pytest.mark.slow  # needs the pre-training run of the `pretrained` fixture
 @pytest.mark.parametrize("name", ["nnUNetTrainerSAR", "nnUNetTrainerSAR_fullTransfer"])
 def test_sar_trainer_starts_from_the_pretrained_weights(pretrained, name):
     """The default transfers the encoder (the decoder keeps nnU-Net's initialisation); _fullTransfer every
@@ -108,6 +110,7 @@ def test_sar_trainer_without_checkpoint_says_how_to_make_one(planned_target):
         trainer.initialize()
 
 
+@pytest.mark.slow  # needs the pre-training run of the `pretrained` fixture
 def test_checkpoint_of_other_plans_names_the_differences(pretrained, tmp_path):
     from nnunet_sar import SARError
     from nnunet_sar.checkpoint import load_pretrained_into

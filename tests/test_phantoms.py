@@ -146,6 +146,7 @@ def test_refuses_existing_folder(tmp_path):
         write_phantom_dataset(str(tmp_path), 993, "X", "US", 2)
 
 
+@pytest.mark.slow  # nnU-Net plans and preprocesses a dataset of its own
 def test_nnunet_plan_and_preprocess(tmp_path):
     raw, pre, res = (str(tmp_path / d) for d in ("raw", "preprocessed", "results"))
     write_phantom_dataset(raw, 994, "PhantE2E", "MRI", num_training=5, shape=(32, 32, 32), seed=1)

@@ -90,6 +90,7 @@ def exported(one_pretraining, tmp_path_factory):
     return fname
 
 
+@pytest.mark.slow  # a pre-training and two targets planned by nnU-Net's commands
 def test_one_pretraining_two_targets_load_the_same_weights(one_pretraining, moved_targets):
     from nnunet_sar.checkpoint import load_checkpoint_file
     final = join(one_pretraining, "checkpoint_final.pth")
@@ -115,6 +116,7 @@ def test_one_pretraining_two_targets_load_the_same_weights(one_pretraining, move
         assert torch.equal(value, states[1][key]) and torch.equal(value, pretrained[key]), key
 
 
+@pytest.mark.slow  # a pre-training and two targets planned by nnU-Net's commands
 def test_export_loads_weights_only_and_its_adaptation_plan_is_complete(one_pretraining, exported):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunet_sar.checkpoint import load_checkpoint_file
@@ -179,6 +181,7 @@ def _nnssl_style(export: dict, channels: int = 1) -> dict:
             "current_epoch": 1, "init_args": {"configuration": "onemmiso"}}
 
 
+@pytest.mark.slow  # a pre-training and two targets planned by nnU-Net's commands
 def test_finetuning_imports_our_export_and_an_nnssl_file(moved_targets, exported, tmp_path, monkeypatch):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunet_sar import SARError
@@ -209,6 +212,7 @@ def test_finetuning_imports_our_export_and_an_nnssl_file(moved_targets, exported
     assert all(torch.equal(state[k], v) for k, v in export["network_weights"].items() if ".seg_layers." not in k)
 
 
+@pytest.mark.slow  # a pre-training and two targets planned by nnU-Net's commands
 def test_mismatches_fail_in_one_line_that_names_the_fix(moved_targets, exported, tmp_path):
     from nnunet_sar import SARError
     from nnunet_sar.checkpoint import load_pretrained_into

@@ -137,6 +137,7 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
     assert accuracy["0"] - accuracy["3"] >= 0.10, accuracy
 
 
+@pytest.mark.slow  # whole pre-training runs (resume: three)
 def test_variant_genesis_writes_its_own_run_without_heads(tiny_plans, results):
     t = _trainer(tiny_plans, results, variant="genesis", epochs=1, iters_per_epoch=2)
     t.initialize()
@@ -166,6 +167,7 @@ def test_patch_size_not_divisible_by_the_stride(tiny_plans, results):
         t.initialize()
 
 
+@pytest.mark.slow  # whole pre-training runs (resume: three)
 def test_resume_ends_with_the_same_weights(tiny_plans, results):
     """Killed after epoch 1 and resumed with --continue == never interrupted (deterministic on the CPU)."""
     kw = dict(epochs=2, iters_per_epoch=2)

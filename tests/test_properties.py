@@ -121,7 +121,30 @@ def test_fixed_validation_cubes_any_volume(shapes, patch, dtype, seed):
 @settings(max_examples=200, deadline=None)
 @given(shape=volume_shape, fraction=st.sampled_from(SCALES), min_size=st.integers(1, 6))
 def test_crop_size_is_positive_and_follows_the_fraction(shape, fraction, min_size):
+    """Properties, not the formula again: at least min_size; otherwise the nearest integer to fraction * side
+    (within half a voxel); never larger than the side unless min_size forces it; monotone in the side and in
+    the fraction (a larger scale never gives a smaller crop)."""
     crop = crop_size(shape, fraction, min_size)
-    assert len(crop) == 3
+    assert len(crop) == 3 and all(isinstance(c, int) for c in crop)
     for c, s in zip(crop, shape):
-        assert c >= min_size and c == max(min_size, int(round(fraction * s)))
+        assert c >= min_size
+        if c > min_size:  # not clamped: the nearest integer to the exact crop
+            assert abs(c - fraction * s) <= 0.5
+        else:  # clamped: the exact crop rounds to min_size or below
+            assert fraction * s <= min_size + 0.5
+        assert c <= max(s, min_size)
+    bigger = crop_size([s + 1 for s in shape], fraction, min_size)
+    assert all(b >= c for b, c in zip(bigger, crop))
+    for larger in (f for f in SCALES if f > fraction):
+        assert all(b >= c for b, c in zip(crop_size(shape, larger, min_size), crop))
+
+
+def test_crop_size_known_values():
+    """Hand-computed crops (the paper's 1/2, 1/4, 1/8 of a BraTS volume and of LUNA-like sides), Python's
+    round half to even included: 155 / 2 = 77.5 -> 78, 155 / 8 = 19.375 -> 19, 30 / 8 = 3.75 -> 4 (min_size)."""
+    assert crop_size((240, 240, 155), 1 / 2) == (120, 120, 78)
+    assert crop_size((240, 240, 155), 1 / 4) == (60, 60, 39)
+    assert crop_size((240, 240, 155), 1 / 8) == (30, 30, 19)
+    assert crop_size((30, 12, 5), 1 / 8) == (4, 4, 4)
+    assert crop_size((30, 12, 5), 1 / 8, min_size=1) == (4, 2, 1)
+    assert crop_size((50, 18, 10), 1 / 4, min_size=1) == (12, 4, 2)  # 12.5 -> 12, 4.5 -> 4 (half to even), 2.5 -> 2

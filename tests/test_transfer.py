@@ -32,6 +32,7 @@ def _pretrain(tiny_plans, **kw):
         return t, json.load(f)
 
 
+@pytest.mark.slow  # pre-training runs until the transfer check has something to measure
 def test_transfer_check_fine_tuning_network_does_what_pretraining_learned(tiny_plans, results):
     """Default settings: nnU-Net's network (instance norm, built by nnU-Net) restores the held-out cubes as
     the pre-training network does, and better than returning the corrupted input."""
@@ -46,6 +47,7 @@ def test_transfer_check_fine_tuning_network_does_what_pretraining_learned(tiny_p
         assert "transfer check: restoration MSE" in f.read()
 
 
+@pytest.mark.slow  # pre-training runs until the transfer check has something to measure
 def test_transfer_check_catches_the_batch_norm_gap(tiny_plans, results):
     """Pre-trained with batch norm (the former default), the same weights in nnU-Net's instance-norm network
     restore far worse: the check measures the function, not the keys, and says so."""
@@ -56,6 +58,7 @@ def test_transfer_check_catches_the_batch_norm_gap(tiny_plans, results):
     assert r["verdict"].startswith("WARNING")
 
 
+@pytest.mark.slow  # pre-training runs until the transfer check has something to measure
 def test_check_transfer_command_rebuilds_the_same_cubes(tiny_plans, results):
     """nnunet_sar_check_transfer on a finished run rebuilds the run's validation cubes from its settings and
     gets the figures the run wrote."""
