@@ -6,8 +6,8 @@ Phantom targets (evidence about the pipeline, not about real tumours):
   the contrast nnU-Net from scratch learned nothing in the demo's 30 iterations: pseudo Dice 0.04, 0.05,
   0.04): 5 labelled cases, fold 0 trains on 4; 6 test cases;
 - ``bright``: the same few-label set-up with the demo's full contrast and the same texture.
-Each repeat pre-trains with the demo's settings (3 x 10 steps of 8 cubes of 32^3, lr 0.1; sources: the
-demo's CT and MRI phantoms) once per pre-training arm, then fine-tunes every arm with the demo's schedule
+Each repeat pre-trains with the demo's settings (3 x 10 steps of 8 cubes of 32^3, otherwise
+``nnunet_sar_pretrain``'s defaults; sources: the demo's CT and MRI phantoms) once per pre-training arm, then fine-tunes every arm with the demo's schedule
 (3 epochs x 10 iterations, fold 0) through ``nnUNetv2_train`` (``nnUNet_SAR_checkpoint`` hands the one
 checkpoint to every target: their plans build the same network), predicts the test cases with nnU-Net's
 predictor and scores Dice. Reported: test Dice mean +- sd over repeats, and nnU-Net's pseudo Dice after
@@ -36,18 +36,17 @@ ARMS = {
     "sar_sawtooth": ("nnUNetTrainerSAR_sawtooth_demo", "sar_instance"),
     "sar_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_instance"),
     "sar_batchnorm_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_batch"),  # before
-    "sar_lr1e-2_m0.99": ("nnUNetTrainerSAR_demo", "sar_lr1e-2_m0.99"),
-    "sar_lr1e-2_m0.9": ("nnUNetTrainerSAR_demo", "sar_lr1e-2_m0.9"),
-    "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),
-    "sar_lr1e-2_m0.9_nnunet": ("nnUNetTrainerSAR_demo", "sar_lr1e-2_m0.9_nnunet"),
+    "sar_lr0.1": ("nnUNetTrainerSAR_demo", "sar_lr0.1"),  # the demo's U-Net lr before it became 0.01
+    "sar_momentum0.99": ("nnUNetTrainerSAR_demo", "sar_momentum0.99"),
+    "sar_nnunetIntensity": ("nnUNetTrainerSAR_demo", "sar_nnunet"),
+    "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),  # control: warm-up and a fresh encoder, nothing pre-trained
 }
 # pre-training run: (variant, options after the demo's own); the last option of a kind wins
 PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("sar", ["--norm", "batch"]),
                 "genesis_instance": ("genesis", ["--norm", "instance"]),
-                "sar_lr1e-2_m0.99": ("sar", ["--lr-unet", "0.01", "--momentum", "0.99"]),
-                "sar_lr1e-2_m0.9": ("sar", ["--lr-unet", "0.01", "--momentum", "0.9"]),
-                "sar_lr0": ("sar", ["--lr-unet", "0"]),
-                "sar_lr1e-2_m0.9_nnunet": ("sar", ["--lr-unet", "0.01", "--momentum", "0.9", "--intensity", "nnunet"])}  # control: the U-Net as initialised, nothing learned
+                "sar_lr0.1": ("sar", ["--lr-unet", "0.1"]), "sar_momentum0.99": ("sar", ["--momentum", "0.99"]),
+                "sar_nnunet": ("sar", ["--intensity", "nnunet"]),
+                "sar_lr0": ("sar", ["--lr-unet", "0"])}  # control: the U-Net as initialised, nothing learned
 TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
     "demo": (901, 10, 4, 1.0, 0.0, 1),
     "faint": (913, 5, 6, 0.4, 0.25, 21),

@@ -92,7 +92,8 @@ def test_item_shapes_dtypes_modality(vols):
     v_idx = ds.plan()[0]
     for i in range(len(ds)):
         it = ds[i]
-        assert set(it) == {"image", "target", "scale", "modality"}
+        assert set(it) == {"image", "target", "scale", "modality", "intensity"}
+        assert it["intensity"].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]  # no intensity maps given: the identity
         for k in ("image", "target"):
             assert it[k].shape == (1, 16, 16, 8) and it[k].dtype == torch.float32
         assert it["scale"].dtype == torch.int64 and it["scale"].shape == ()
