@@ -24,8 +24,9 @@ import torch
 
 from nnunet_sar import SARError
 
+from .sources import WINDOWS
+
 SCHEMES = ("unit", "nnunet")
-WINDOWS = {"CT": (-1000.0, 1000.0), "MRI": (0.0, 4000.0)}  # sources.preprocess_sources' clip windows
 IDENTITY = (0.0, 1.0, 0.0, 1.0, 0.0)
 BODY_HU = -500.0  # CT sources without a target CT channel: statistics over voxels above this
 

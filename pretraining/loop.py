@@ -76,7 +76,7 @@ class PretrainSettings:
     beta: float = 10.0
     adv_weight: float = 1.0             # gradient-reversal weight; 0 keeps M as a probe only
     # not the paper's 1.0 (kept by --preset paper): measured on phantoms, 30 steps at 0.1 moved the encoder
-    # further than nnU-Net's 30 demo iterations could use, 0.01 starts fine-tuning on a par with scratch
+    # further than nnU-Net's 30 demo iterations could use; 0.01 removed that stall (BENCHMARKS.md, transfer)
     lr_unet: float = 0.01
     lr_scale: float = 0.1
     lr_disc: float = 1e-3
@@ -321,8 +321,9 @@ class SARPretrainer:
         target = batch["target"].to(self.device, non_blocking=True)
         if train and self.device.type != "cpu":  # corruptions run batched on the accelerator
             image, target = corrupt_batch(image, self.transforms)
-        maps = batch["intensity"]  # corrupted in the [0, 1] window, then normalised as nnU-Net will show them
-        image, target = apply_intensity_map(image, maps), apply_intensity_map(target, maps)
+        maps = batch["intensity"]
+        if self.s.intensity != "unit":  # corrupted in the [0, 1] window, then normalised as nnU-Net will show them
+            image, target = apply_intensity_map(image, maps), apply_intensity_map(target, maps)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
             restored, scale_logits, modality_logits = self.network(image, self.s.adv_weight)
             terms = self.objective(restored, scale_logits, modality_logits, target,

@@ -375,8 +375,11 @@ def _npy_shape(path: str):
         return None
 
 
+WINDOWS = {"CT": (-1000.0, 1000.0), "MRI": (0.0, 4000.0)}  # the clip windows, scaled to [0, 1] in the cache
+
+
 def preprocess_sources(specs: Iterable[str], cache_dir: str, num_processes: int = 2, spacing=(1.0, 1.0, 1.0),
-                       ct_clip=(-1000.0, 1000.0), mri_clip=(0.0, 4000.0), *, dtype=np.float16,
+                       ct_clip=WINDOWS["CT"], mri_clip=WINDOWS["MRI"], *, dtype=np.float16,
                        progress: bool = True) -> list[Volume]:
     """Preprocess (or re-use from ``cache_dir``) every volume of ``specs``; returns them in listing order.
 
