@@ -52,6 +52,8 @@ from os.path import isfile, join
 import numpy as np
 import torch
 
+from nnunet_sar.demo import _exe  # the console scripts of this environment
+
 NEEDS_CUDA = "skipped (needs CUDA)"
 DEMO_ID = 901  # nnunet_sar_demo's target; its sources are 902 (CT) and 903 (MRI)
 NNUNET_ITERATIONS_PER_EPOCH = 250  # nnUNetTrainer.num_iterations_per_epoch (both trainers keep it)
@@ -98,11 +100,6 @@ class Report:
                     return True
                 return False
         return _Guard()
-
-
-def _exe(name: str) -> str:
-    candidate = join(os.path.dirname(sys.executable), name)
-    return candidate if os.path.exists(candidate) else name
 
 
 def _sh(cmd, env=None, timeout=900) -> subprocess.CompletedProcess:
