@@ -49,16 +49,16 @@ class LearningRateWarmup:
     ``warmup`` 'linear': lr rises from initial_lr / W to initial_lr over the first W iterations, then
     nnU-Net's poly schedule takes over. 'sawtooth': the decoder (and seg layers) warm up alone for W
     iterations while the encoder stays put (lr 0), then the whole network warms up for W more. None: no
-    warm-up. W = ``warmup_fraction`` of all training iterations, at least ``min_warmup_iterations``
-    (nnU-Net's 1000 x 250 iterations: 12,500, i.e. 50 epochs; the demo's 3 x 10: 5)."""
+    warm-up. W = ``warmup_fraction`` of all training iterations, at least one (nnU-Net's 1000 x 250
+    iterations: 12,500, i.e. 50 epochs; the demo's 3 x 10: 2). Proportional only: a fixed minimum of 5
+    cost the demo's 30 iterations more than the pre-trained start gave (BENCHMARKS.md, transfer)."""
     warmup = "linear"
     warmup_fraction = 0.05
-    min_warmup_iterations = 5
 
     @property
     def warmup_iterations(self) -> int:
         total = self.num_epochs * self.num_iterations_per_epoch
-        return max(self.min_warmup_iterations, int(round(self.warmup_fraction * total)))
+        return max(1, int(round(self.warmup_fraction * total)))
 
     def configure_optimizers(self):
         optimizer, lr_scheduler = super().configure_optimizers()

@@ -80,7 +80,7 @@ def test_warmup_schedules(planned_target, tiny_plans):
     lrs = {}
     for name in ("nnUNetTrainerSAR", "nnUNetTrainerSAR_sawtooth", "nnUNetTrainerSAR_noWarmup"):
         tr = get_trainer_from_args(TARGET, "3d_fullres", 0, name, tiny_plans, device=torch.device("cpu"))
-        tr.num_epochs, tr.num_iterations_per_epoch = 4, 5
+        tr.num_epochs, tr.num_iterations_per_epoch = 4, 25
         nnUNetTrainer.initialize(tr)  # network and optimizer as nnU-Net builds them; no weights needed here
         seen = []
         for epoch in range(tr.num_epochs):
@@ -90,13 +90,18 @@ def test_warmup_schedules(planned_target, tiny_plans):
                 tr.warmup_step()  # what train_step does before nnU-Net's step
                 seen.append([g["lr"] for g in tr.optimizer.param_groups])
         lrs[name] = seen
-    w = 5  # max(min_warmup_iterations 5, 5 % of 20)
+    w = 5  # 5 % of 100
     assert [g[0] for g in lrs["nnUNetTrainerSAR"][:w]] == pytest.approx([1e-2 * (k + 1) / w for k in range(w)])
-    assert lrs["nnUNetTrainerSAR"][w][0] == pytest.approx(1e-2 * (1 - 1 / 4) ** 0.9)  # poly, epoch 1
+    assert lrs["nnUNetTrainerSAR"][w][0] == pytest.approx(1e-2)  # poly, epoch 0
+    assert lrs["nnUNetTrainerSAR"][25][0] == pytest.approx(1e-2 * (1 - 1 / 4) ** 0.9)  # poly, epoch 1
     saw = lrs["nnUNetTrainerSAR_sawtooth"]
     assert all(enc == 0 and dec == pytest.approx(1e-2 * (k + 1) / w) for k, (enc, dec) in enumerate(saw[:w]))
     assert all(enc == dec == pytest.approx(1e-2 * (k + 1) / w) for k, (enc, dec) in enumerate(saw[w:2 * w]))
     assert lrs["nnUNetTrainerSAR_noWarmup"][0][0] == pytest.approx(1e-2)
+    tr.num_epochs, tr.num_iterations_per_epoch = 3, 10  # the demo's schedule: proportional, no minimum of 5
+    assert tr.warmup_iterations == 2
+    tr.num_epochs, tr.num_iterations_per_epoch = 1000, 250  # nnU-Net's: 50 epochs
+    assert tr.warmup_iterations == 12500
 
 
 @pytest.mark.slow
