@@ -18,10 +18,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["nnunet_sar", "nnunet_sar.pretraining", "nnunetv2.training.nnUNetTrainer.nnunet_sar"],
+    packages=["nnunet_sar", "nnunet_sar.pretraining", "nnunet_sar.pretraining.objectives",
+              "nnunetv2.training.nnUNetTrainer.nnunet_sar"],
     package_dir={
         "nnunet_sar": "nnunet_sar",
         "nnunet_sar.pretraining": "pretraining",
+        "nnunet_sar.pretraining.objectives": "pretraining/objectives",
         "nnunetv2.training.nnUNetTrainer.nnunet_sar": "trainers",
     },
     install_requires=[

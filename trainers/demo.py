@@ -32,3 +32,23 @@ class nnUNetTrainerGenesis_demo(DemoSchedule, nnUNetTrainerSAR):
 
 class nnUNetTrainer_demo(DemoSchedule, nnUNetTrainer):
     pass
+
+
+class nnUNetTrainerMAE_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant, transfer_parts, warmup = "mae", "all", "sawtooth"
+
+
+class nnUNetTrainerRot_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "rot"
+
+
+class nnUNetTrainerRPL_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "rpl"
+
+
+class nnUNetTrainerJigsaw_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "jigsaw"
+
+
+class nnUNetTrainerCPC_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "cpc"
