@@ -29,9 +29,9 @@ def _trainer(tiny_plans, objective="sar", sources=SOURCE_IDS, **kw):
     """A seeded tiny run of ``objective`` on the session's phantom sources (or ``sources``)."""
     from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
     kw = {"batch_size": 8, "patch_size": [16, 16, 16], "lr_unet": 0.1, "epochs": 1, "iters_per_epoch": 2,
-          "val_cubes_per_volume": [1, 1, 1], "objective_options": SMALL.get(objective, {}), **kw}
+          "val_cubes_per_volume": [1, 1, 1], "objective_options": SMALL.get(objective, {}), "val_fraction": 0.25, **kw}
     s = PretrainSettings(dataset=TARGET, sources=[str(i) for i in sources], plans_identifier=tiny_plans, device="cpu",
-                         val_fraction=0.25, objective=objective, **kw)
+                         objective=objective, **kw)
     return SARPretrainer(s)
 
 
@@ -278,3 +278,38 @@ def test_mae_restores_the_masked_blocks(tiny_plans, oriented, results):
     assert r["voxels"] == "masked" and r["verdict"].startswith("ok")
     assert res[-1] < 0.85 * res[0]
     assert r["finetuning_network"] < r["cube_mean"] and r["finetuning_network"] < 0.5 * r["corrupted_input"], r
+
+
+def test_the_readme_example_objective_is_one_file_and_one_trainer_line(tiny_plans, results, monkeypatch):
+    """The README's smallest objective ('flip'), as written there, runs in the loop and its one-line trainer
+    fine-tunes from its encoder (registered here as if its file were in pretraining/objectives)."""
+    import re
+    import sys
+    import types
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    import nnunet_sar.pretraining.objectives as objectives
+    from nnunet_sar.finetuning import DemoSchedule, nnUNetTrainerSAR
+    readme = open(join(os.path.dirname(__file__), "..", "README.md")).read()
+    source = re.search(r"```python\n# pretraining/objectives/flip.py\n(.*?)```", readme, re.S).group(1)
+    trainer_line = re.search(r"```python\n(class nnUNetTrainerFlip\(nnUNetTrainerSAR\):.*?)```", readme, re.S).group(1)
+    module = types.ModuleType("nnunet_sar.pretraining.objectives.flip")
+    exec(compile(source, "flip.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    names = objectives.available()
+    monkeypatch.setattr(objectives, "available", lambda: sorted(names + ["flip"]))
+    t = _trainer(tiny_plans, "flip")
+    t.initialize()
+    t.run_training()
+    ckpt = torch.load(join(t.output_folder, "checkpoint_final.pth"), weights_only=False)
+    assert t.output_folder.endswith(f"nnUNetSARPretrain_flip__{tiny_plans}__3d_fullres") and ckpt["objective"] == "flip"
+    assert "val_flip_acc" in ckpt["logging"] and json.load(open(join(t.output_folder, "transfer_check.json")))["kind"] == "encoder"
+    scope = {"nnUNetTrainerSAR": nnUNetTrainerSAR}
+    exec(trainer_line, scope)
+    demo = type("nnUNetTrainerFlip_demo", (DemoSchedule, scope["nnUNetTrainerFlip"]), {})
+    folder = join(os.environ["nnUNet_preprocessed"], TARGET)
+    tr = demo(load_json(join(folder, f"{tiny_plans}.json")), "3d_fullres", 0, load_json(join(folder, "dataset.json")),
+              torch.device("cpu"))
+    tr.initialize()
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    assert torch.equal(tr.network.state_dict()[key], ckpt["network_weights"][key])
+    assert "the encoder only; the decoder keeps nnU-Net's initialisation" in open(tr.log_file).read()
