@@ -307,8 +307,8 @@ def test_the_readme_example_objective_is_one_file_and_one_trainer_line(tiny_plan
     exec(trainer_line, scope)
     demo = type("nnUNetTrainerFlip_demo", (DemoSchedule, scope["nnUNetTrainerFlip"]), {})
     folder = join(os.environ["nnUNet_preprocessed"], TARGET)
-    tr = demo(load_json(join(folder, f"{tiny_plans}.json")), "3d_fullres", 0, load_json(join(folder, "dataset.json")),
-              torch.device("cpu"))
+    plans = {**load_json(join(folder, f"{tiny_plans}.json")), "continue_training": False}  # as get_trainer_from_args
+    tr = demo(plans, "3d_fullres", 0, load_json(join(folder, "dataset.json")), torch.device("cpu"))
     tr.initialize()
     key = "encoder.stages.0.0.convs.0.conv.weight"
     assert torch.equal(tr.network.state_dict()[key], ckpt["network_weights"][key])
