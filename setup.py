@@ -1,8 +1,8 @@
 """nnunet-sar: Scale-Aware Restoration (SAR) pre-training as an nnU-Net v2 plugin.
 
 Three source folders, three import names:
-- ``nnunet_sar/``   -> ``nnunet_sar``              (network from plans, heads, checkpoints, phantoms, demo)
-- ``pretraining/``  -> ``nnunet_sar.pretraining``  (sources, cubes, corruptions, objective, loop, CLI)
+- ``nnunet_sar/``   -> ``nnunet_sar``              (network from plans, heads, checkpoints, phantoms; commands/)
+- ``pretraining/``  -> ``nnunet_sar.pretraining``  (sources, cubes, corruptions, objectives, loop, CLI)
 - ``trainers/``     -> ``nnunetv2.training.nnUNetTrainer.nnunet_sar``
 
 nnU-Net finds trainers by scanning the physical folder ``nnunetv2/training/nnUNetTrainer`` (it has no
@@ -18,10 +18,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["nnunet_sar", "nnunet_sar.pretraining", "nnunetv2.training.nnUNetTrainer.nnunet_sar"],
+    packages=["nnunet_sar", "nnunet_sar.commands", "nnunet_sar.pretraining", "nnunet_sar.pretraining.objectives",
+              "nnunetv2.training.nnUNetTrainer.nnunet_sar"],
     package_dir={
         "nnunet_sar": "nnunet_sar",
         "nnunet_sar.pretraining": "pretraining",
+        "nnunet_sar.pretraining.objectives": "pretraining/objectives",
         "nnunetv2.training.nnUNetTrainer.nnunet_sar": "trainers",
     },
     install_requires=[
@@ -40,12 +42,12 @@ setup(
     entry_points={
         "console_scripts": [
             "nnunet_sar_pretrain=nnunet_sar.pretraining.cli:main",
-            "nnunet_sar_demo=nnunet_sar.demo:main",
-            "nnunet_sar_benchmark=nnunet_sar.benchmark:main",
-            "nnunet_sar_convert_brats2018=nnunet_sar.datasets:main_convert_brats2018",
-            "nnunet_sar_convert_source=nnunet_sar.datasets:main_convert_source",
-            "nnunet_sar_split=nnunet_sar.datasets:main_split",
-            "nnunet_sar_report=nnunet_sar.report:main",
+            "nnunet_sar_demo=nnunet_sar.commands.demo:main",
+            "nnunet_sar_benchmark=nnunet_sar.commands.benchmark:main",
+            "nnunet_sar_convert_brats2018=nnunet_sar.commands.datasets:main_convert_brats2018",
+            "nnunet_sar_convert_source=nnunet_sar.commands.datasets:main_convert_source",
+            "nnunet_sar_split=nnunet_sar.commands.datasets:main_split",
+            "nnunet_sar_report=nnunet_sar.commands.report:main",
             "nnunet_sar_check_transfer=nnunet_sar.pretraining.transfer_check:main",
             "nnunet_sar_export=nnunet_sar.portable:main_export",
             "nnunet_sar_use_pretraining=nnunet_sar.portable:main_use_pretraining",

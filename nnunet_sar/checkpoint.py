@@ -19,8 +19,8 @@ import torch
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
-import nnunetv2.paths
-from nnunet_sar import SARError, one_line
+from nnunet_sar import SARError, nnunet_folder, one_line
+from nnunet_sar.files import atomic_write
 
 PRETRAIN_PREFIX = "nnUNetSARPretrain"
 CHECKPOINT_ENV = "nnUNet_SAR_checkpoint"  # a file that nnUNetTrainerSAR* loads instead of the default
@@ -32,9 +32,7 @@ def pretrain_folder_name(variant: str, plans_identifier: str, configuration: str
 
 
 def pretrain_output_folder(dataset_name: str, variant: str, plans_identifier: str, configuration: str) -> str:
-    if not nnunetv2.paths.nnUNet_results:
-        raise SARError("nnUNet_results is not set: export it as for nnU-Net itself")
-    return join(nnunetv2.paths.nnUNet_results, dataset_name,
+    return join(nnunet_folder("nnUNet_results"), dataset_name,
                 pretrain_folder_name(variant, plans_identifier, configuration))
 
 
@@ -85,63 +83,10 @@ def pointed_checkpoint(pointer: dict, variant: str, where: str) -> str:
 
 
 def atomic_save(obj, fname: str) -> None:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `fname`: a kill
-    (or a full disk, or a power cut) at any moment leaves either the previous complete file or the new one.
-    A failed save removes its temporary file and raises SARError naming `fname`; the previous file stays."""
-    tmp = f"{fname}.tmp{os.getpid()}"
-    _remove_stale_temp_files(fname)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
-        os.replace(tmp, fname)
-        _fsync_folder(os.path.dirname(os.path.abspath(fname)))
-    except OSError as e:
-        raise SARError(f"cannot write checkpoint {fname}: {e.strerror or one_line(e)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _remove_stale_temp_files(fname: str) -> None:
-    """Temporary files of `fname` left by a process killed while saving (kill -9, OOM killer): removed
-    once that process is gone, so that they do not pile up in the output folder."""
-    folder, base = os.path.split(os.path.abspath(fname))
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(base) + 4:] if name.startswith(base + ".tmp") else ""
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # that process still runs (it may be saving right now)
-        except ProcessLookupError:
-            pass
-        except OSError:  # PermissionError: alive, another user's
-            continue
-        try:
-            os.remove(join(folder, name))
-        except OSError:
-            pass
-
-
-def _fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
+    """torch.save through ``nnunet_sar.files.atomic_write``: a kill (or a full disk, or a power cut) at any
+    moment leaves either the previous complete file or the new one; a failed save raises SARError naming
+    `fname` and leaves the previous file."""
+    atomic_write(fname, lambda f: torch.save(obj, f), what="checkpoint ")
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict:
@@ -229,7 +174,6 @@ def onto_network_keys(ckpt: dict, module: torch.nn.Module) -> dict:
 def check_input_channels(network: torch.nn.Module, weights: dict, fname: str) -> None:
     """One line when the checkpoint reads another number of channels than the target and is not single-channel
     (which ``adapt_input_channels`` repeats over the target's channels)."""
-    from nnunet_sar.finetuning import first_conv_keys  # here: nnunet_sar.finetuning imports this module
     state = unwrap(network).state_dict()
     for key in first_conv_keys(network)[:1]:
         if key in weights and weights[key].ndim == state[key].ndim:
@@ -270,9 +214,16 @@ def transferable_weights(network: torch.nn.Module, fname: str, log=print, parts:
         raise SARError(f"unknown transfer parts {parts!r}; choose from {', '.join(TRANSFER_PARTS)}")
     ckpt = load_checkpoint_file(fname)
     module = unwrap(network)
+    trained = ckpt.get("trained_keys")
+    encoder = encoder_keys(module)
+    untrained = [k for k in module.state_dict() if k not in encoder and not any(s in k for s in SKIP_ON_TRANSFER)
+                 and k not in set(trained or ())]
+    if parts == "all" and trained is not None and untrained:
+        raise SARError(f"checkpoint {fname} ({ckpt.get('objective')}) trained the encoder alone; its decoder is an "
+                       f"untrained initialisation ({len(untrained)} tensors, e.g. {untrained[0]}): fine-tune with the encoder only (transfer_parts 'encoder', "
+                       f"e.g. nnUNetTrainer{str(ckpt.get('objective', '')).capitalize()})")
     weights = onto_network_keys(ckpt, module)
     check_input_channels(module, weights, fname)
-    from nnunet_sar.finetuning import adapt_input_channels  # here: nnunet_sar.finetuning imports this module
     weights, adapted = adapt_input_channels(weights, module)
     if adapted:
         log(f"SAR: single-channel checkpoint: {', '.join(adapted)} repeated over the input channels and scaled by 1/C")
@@ -296,3 +247,42 @@ def load_pretrained_into(network: torch.nn.Module, fname: str, log=print, parts:
     state.update(transfer)
     module.load_state_dict(state)
     return len(transfer)
+
+
+# ----------------------------------------------------------------------------- multi-channel targets
+def first_conv_keys(network: torch.nn.Module) -> list[str]:
+    """State-dict keys of the convolution weights that read the network's input channels: those the
+    architecture declares (dynamic-network-architectures' ``keys_to_in_proj``), else the first convolution."""
+    module = unwrap(network)
+    state = module.state_dict()
+    keys = [k + ".weight" for k in getattr(module, "keys_to_in_proj", None) or () if k + ".weight" in state][:1]
+    for name, m in module.named_modules() if not keys else ():
+        if isinstance(m, torch.nn.modules.conv._ConvNd) and not isinstance(
+                m, (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)):
+            keys.append(name + ".weight")
+            break
+    # aliases of the same tensor (e.g. decoder.encoder.*, all_modules.*) appear under other names
+    if keys:
+        first = state[keys[0]]
+        keys = [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() == first.data_ptr()]
+    return keys
+
+
+def adapt_input_channels(weights: dict, network: torch.nn.Module) -> tuple[dict, list[str]]:
+    """A single-channel checkpoint for a network with C > 1 input channels: the first convolution's
+    kernel is repeated over the C channels and scaled by 1/C (so a C-channel input of identical images
+    gives the pre-trained response). Returns (new weights, adapted keys); other tensors are untouched,
+    and weights that already fit (or do not come from a single channel) are returned unchanged."""
+    state = unwrap(network).state_dict()
+    weights = dict(weights)
+    adapted = []
+    for key in first_conv_keys(network):
+        if key not in weights:
+            continue
+        w, target = weights[key], state[key]
+        c = target.shape[1]
+        if w.ndim == target.ndim and w.shape[1] == 1 and c > 1 and w.shape[0] == target.shape[0] \
+                and w.shape[2:] == target.shape[2:]:
+            weights[key] = w.repeat(1, c, *([1] * (w.ndim - 2))) / c
+            adapted.append(key)
+    return weights, adapted

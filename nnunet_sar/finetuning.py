@@ -13,7 +13,8 @@ from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sar import SARError
-from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_pretrained_into
+from nnunet_sar.checkpoint import (adapt_input_channels, find_pretrained_checkpoint,  # noqa: F401 (re-exported)
+                                   first_conv_keys, load_pretrained_into)
 
 
 class SARInitialisation:
@@ -118,6 +119,8 @@ def transfer_check_summary(checkpoint_file: str) -> str | None:
         return None
     with open(fname) as f:
         r = json.load(f)
+    if "summary" in r:
+        return f"SAR transfer check ({fname}): {r['summary']}"
     return (f"SAR transfer check ({fname}): restoration MSE on held-out cubes, pre-training network "
             f"{r['pretraining_network']:.4g}, this (fine-tuning) network {r['finetuning_network']:.4g}, corrupted "
             f"input {r['corrupted_input']:.4g}, cube mean {r['cube_mean']:.4g}: {r['verdict']}")
@@ -290,43 +293,3 @@ class TrainingFraction:
         self.print_to_log_file(f"Training fraction 1/{self.fraction_denominator}: {len(subset)} of {len(tr_keys)} "
                                f"training cases (seed {self.fraction_seed}); {len(val_keys)} validation cases")
         return subset, val_keys
-
-
-# ----------------------------------------------------------------------------- multi-channel targets
-def first_conv_keys(network: torch.nn.Module) -> list[str]:
-    """State-dict keys of the convolution weights that read the network's input channels."""
-    from nnunet_sar.checkpoint import unwrap
-    module = unwrap(network)
-    keys = []
-    for name, m in module.named_modules():
-        if isinstance(m, torch.nn.modules.conv._ConvNd) and not isinstance(
-                m, (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)):
-            keys.append(name + ".weight")
-            break
-    # aliases of the same tensor (e.g. decoder.encoder.*, all_modules.*) appear under other names
-    state = module.state_dict()
-    if keys:
-        first = state[keys[0]]
-        keys = [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() == first.data_ptr()]
-    return keys
-
-
-def adapt_input_channels(weights: dict, network: torch.nn.Module) -> tuple[dict, list[str]]:
-    """A single-channel checkpoint for a network with C > 1 input channels: the first convolution's
-    kernel is repeated over the C channels and scaled by 1/C (so a C-channel input of identical images
-    gives the pre-trained response). Returns (new weights, adapted keys); other tensors are untouched,
-    and weights that already fit (or do not come from a single channel) are returned unchanged."""
-    from nnunet_sar.checkpoint import unwrap
-    state = unwrap(network).state_dict()
-    weights = dict(weights)
-    adapted = []
-    for key in first_conv_keys(network):
-        if key not in weights:
-            continue
-        w, target = weights[key], state[key]
-        c = target.shape[1]
-        if w.ndim == target.ndim and w.shape[1] == 1 and c > 1 and w.shape[0] == target.shape[0] \
-                and w.shape[2:] == target.shape[2:]:
-            weights[key] = w.repeat(1, c, *([1] * (w.ndim - 2))) / c
-            adapted.append(key)
-    return weights, adapted

@@ -7,14 +7,13 @@ restoration output (they are the only tensors nnU-Net does not transfer).
 from copy import deepcopy
 from os.path import isfile, join
 
-import nnunetv2.paths
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_sar import SARError, one_line
+from nnunet_sar import SARError, nnunet_folder, one_line
 
 
 def dataset_name(dataset: str | int) -> str:
@@ -28,10 +27,7 @@ def dataset_name(dataset: str | int) -> str:
 
 def preprocessed_folder(dataset: str | int) -> str:
     """$nnUNet_preprocessed/DatasetXXX_Name for a dataset name or id."""
-    root = nnunetv2.paths.nnUNet_preprocessed
-    if not root:
-        raise SARError("nnUNet_preprocessed is not set: export it as for nnU-Net itself")
-    return join(root, dataset_name(dataset))
+    return join(nnunet_folder("nnUNet_preprocessed"), dataset_name(dataset))
 
 
 def load_plans(dataset: str | int, plans_identifier: str = "nnUNetPlans", configuration: str = "3d_fullres"):

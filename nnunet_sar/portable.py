@@ -18,13 +18,12 @@ import argparse
 import inspect
 import json
 import os
-import sys
 from os.path import abspath, isdir, isfile, join
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
-from nnunet_sar import SARError, __version__, one_line
+from nnunet_sar import SARError, __version__, console_main, one_line
 from nnunet_sar.checkpoint import (CHECKPOINT_ENV, NNSSL_PLAN, PRETRAINED_FROM, atomic_save, encoder_keys,
                                    load_checkpoint_file, pointed_checkpoint, transferable_weights)
 from nnunet_sar.network import build_network, build_target_network, dataset_name, load_plans, preprocessed_folder
@@ -69,11 +68,8 @@ def main_use_pretraining(argv=None):
     p.add_argument("-c", dest="configuration", default="3d_fullres", help="[%(default)s]")
     p.add_argument("--variant", default="sar", help="the run checked now; each trainer loads its own variant [sar]")
     args = p.parse_args(argv)
-    try:
-        fname, n = use_pretraining(args.target, args.plans_identifier, args.source, args.source_plans,
-                                   args.configuration, args.variant)
-    except SARError as e:
-        sys.exit("nnunet_sar_use_pretraining: error: " + one_line(e))
+    fname, n = console_main("nnunet_sar_use_pretraining")(use_pretraining)(
+        args.target, args.plans_identifier, args.source, args.source_plans, args.configuration, args.variant)
     print(f"{args.plans_identifier} of {dataset_name(args.target)} fine-tunes from {fname} ({n} encoder tensors fit); "
           f"train with: nnUNetv2_train {args.target} {args.configuration} FOLD -tr nnUNetTrainerSAR "
           f"-p {args.plans_identifier}")
@@ -157,6 +153,7 @@ def export_checkpoint(run: str, out: str, overwrite: bool = False) -> dict:
     encoder = encoder_keys(network)
     last_output = f"decoder.seg_layers.{len(network.decoder.seg_layers) - 1}."
     frozen = [k for k in weights if ".seg_layers." in k and not k.startswith(last_output)]  # deep supervision
+    trained = set(ckpt.get("trained_keys") or weights)  # what the objective trained (older checkpoints: all)
     plans = plans_manager.plans
     sources = _source_defaults()
     export = {
@@ -173,9 +170,10 @@ def export_checkpoint(run: str, out: str, overwrite: bool = False) -> dict:
             "intensity": {"CT": {"clip": sources["ct_clip"], "then": "min-max to [0, 1] per volume"},
                           "MRI": {"clip": sources["mri_clip"], "then": "min-max to [0, 1] per volume"}},
             "pretraining_patch_size": settings["patch_size"], "plans_patch_size": configuration_manager.patch_size,
-            "trained_keys": {"encoder": sorted(k for k in weights if k in encoder),
-                             "decoder": sorted(k for k in weights if k not in encoder and k not in frozen)},
-            "untrained_keys": sorted(frozen),
+            "trained_keys": {"encoder": sorted(k for k in weights if k in encoder and k in trained),
+                             "decoder": sorted(k for k in weights if k not in encoder and k not in frozen and k in trained)},
+            "untrained_keys": sorted(k for k in weights if k in frozen or k not in trained),
+            "objective": ckpt.get("objective", "sar"),
             "restoration_output": sorted(k for k in weights if k.startswith(last_output)),
             "nnUNetTrainerSAR_transfers": "encoder",
         }, "the export record"),
@@ -197,10 +195,7 @@ def main_export(argv=None):
     p.add_argument("-o", dest="out", required=True, help="the file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
-    try:
-        export = export_checkpoint(args.run, args.out, args.overwrite)
-    except SARError as e:
-        sys.exit("nnunet_sar_export: error: " + one_line(e))
+    export = console_main("nnunet_sar_export")(export_checkpoint)(args.run, args.out, args.overwrite)
     record = export["sar_export"]
     print(f"wrote {args.out}: {len(export['network_weights'])} tensors of {record['dataset_name']} / "
           f"{record['plans_identifier']} / {record['configuration']} ({len(record['trained_keys']['encoder'])} encoder, "

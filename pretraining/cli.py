@@ -6,7 +6,7 @@ import os
 import re
 import sys
 
-from nnunet_sar import SARError, one_line
+from nnunet_sar import console_main
 
 EPILOG = """
 examples:
@@ -27,8 +27,12 @@ source's name after DatasetNNN_; other sources get --cubes-per-volume), SGD at l
 (U-Net / S / M), alpha 1, beta 10, ReduceLROnPlateau. Options given explicitly override the preset; the
 values it set are recorded in settings.json ("preset", "preset_values").
 
-Output: $nnUNet_results/<dataset>/nnUNetSARPretrain_<variant>__<plans>__<configuration>/checkpoint_final.pth,
-which nnUNetv2_train <dataset> <configuration> FOLD -tr nnUNetTrainerSAR loads by itself.
+--objective picks the pre-training task (module pretraining/objectives/NAME.py): sar (default; --variant
+picks its ablations), genesis, mae, rot, rpl, jigsaw, cpc; each has a fine-tuning trainer (README).
+
+Output: $nnUNet_results/<dataset>/nnUNetSARPretrain_<run>__<plans>__<configuration>/checkpoint_final.pth,
+<run> = the SAR variant or the objective's name, which nnUNetv2_train <dataset> <configuration> FOLD -tr
+nnUNetTrainerSAR (nnUNetTrainerMAE, nnUNetTrainerRot, ...) loads by itself.
 """
 
 
@@ -49,8 +53,18 @@ def _key_value(text: str) -> tuple[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES
     from nnunet_sar.pretraining.loop import PretrainSettings
-    from nnunet_sar.pretraining.objective import VARIANTS
+    from nnunet_sar.pretraining.objectives import available, objective_class
+    from nnunet_sar.pretraining.objectives.sar import VARIANTS
     d = PretrainSettings(dataset="", sources=[])
+    defaults = {f.name: getattr(d, f.name) for f in dataclasses.fields(PretrainSettings)}
+
+    def setting(name: str, text: str = "", **kw):
+        """An option of PretrainSettings' field ``name``: flag, default and type derived from the dataclass."""
+        default = defaults[name]
+        if isinstance(default, (int, float, str)) and not isinstance(default, bool) and "choices" not in kw:
+            kw.setdefault("type", type(default))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=text, **kw)
+
     p = argparse.ArgumentParser(
         prog="nnunet_sar_pretrain", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Scale-Aware Restoration (SAR) self-supervised pre-training of the U-Net that nnU-Net builds "
@@ -61,9 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", nargs="+", required=True, metavar="SRC", help="pre-training sources, see below")
     p.add_argument("--preset", choices=["paper"], default=None,
                    help="the paper's configuration, see below; options given explicitly override it")
+    p.add_argument("--objective", default=d.objective, choices=available(),
+                   help="; ".join(f"{k}: {objective_class(k).description}".replace("%", "%%") for k in available()) + " [%(default)s]")
     p.add_argument("--variant", default=d.variant, choices=list(VARIANTS),
-                   help="; ".join(f"{k}: {v.description}" for k, v in VARIANTS.items()) + " [%(default)s]")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="[%(default)s]")
+                   help="SAR's ablations (--objective sar): " + "; ".join(
+                       f"{k}: {v.description}" for k, v in VARIANTS.items()) + " [sar]")
+    setting("transform_on", choices=["loader", "device"], text="where the objective's cube transforms (corruptions, masks, rotations) run: in the data loader "
+                        "or batched on the training device; the same per-cube seeds either way [%(default)s]")
+    add_objective_options(p)
+    setting("epochs", "[%(default)s]")
     p.add_argument("--iters-per-epoch", type=int, default=None,
                    help="iterations per epoch [all cubes of --cubes-per-volume for every training volume]")
     p.add_argument("--batch-size", type=int, default=None, help="[the plans' batch size]")
@@ -78,29 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corruption", nargs="+", default=[], metavar="KEY=P", type=_key_value,
                    help="override Models Genesis' corruption rates: " + " ".join(
                        f"{k}={v}" for k, v in GENESIS_PROBABILITIES.items()))
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="share of source cases held out for the validation loss [%(default)s]")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of L_scale (paper: 1) [%(default)s]")
-    p.add_argument("--beta", type=float, default=d.beta, help="weight of L_res (paper: 10) [%(default)s]")
-    p.add_argument("--adv-weight", type=float, default=d.adv_weight,
-                   help="gradient-reversal weight of L_adv on the encoder; 0 trains M as a probe only [%(default)s]")
-    p.add_argument("--lr-unet", type=float, default=d.lr_unet, help="SGD learning rate of the U-Net (paper: 1.0) [%(default)s]")
-    p.add_argument("--lr-scale", type=float, default=d.lr_scale, help="SGD learning rate of S (paper: 0.1)")
-    p.add_argument("--lr-disc", type=float, default=d.lr_disc, help="SGD learning rate of M (paper: 1e-3)")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum of every part [%(default)s]")
-    p.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="ReduceLROnPlateau patience")
+    setting("val_fraction", "share of source cases held out for the validation loss [%(default)s]")
+    setting("alpha", "weight of L_scale (paper: 1) [%(default)s]")
+    setting("beta", "weight of L_res (paper: 10) [%(default)s]")
+    setting("adv_weight", "gradient-reversal weight of L_adv on the encoder; 0 trains M as a probe only [%(default)s]")
+    setting("lr_unet", "SGD learning rate of the U-Net (paper: 1.0) [%(default)s]")
+    setting("lr_scale", "SGD learning rate of S (paper: 0.1)")
+    setting("lr_disc", "SGD learning rate of M (paper: 1e-3)")
+    setting("momentum", "SGD momentum of every part [%(default)s]")
+    setting("plateau_patience", "ReduceLROnPlateau patience")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loading worker processes [nnUNet_n_proc_DA, else 4 on a GPU and 0 on the CPU]")
     p.add_argument("--cache-dir", default=None, help="preprocessed sources [$nnUNet_preprocessed/nnUNetSAR_sources]")
-    p.add_argument("--norm", default=d.norm, choices=["batch", "instance"],
-                   help="normalisation while pre-training: the plans' own (instance norm, what nnU-Net fine-tunes) or batch "
+    setting("norm", choices=["batch", "instance"], text="normalisation while pre-training: the plans' own (instance norm, what nnU-Net fine-tunes) or batch "
                         "(the paper's U-Net, 3.3; does not transfer to nnU-Net's instance norm, see the transfer "
                         "check) [%(default)s]")
-    p.add_argument("--intensity", default=d.intensity, choices=["unit", "nnunet"],
-                   help="cube intensities: 'unit', each source's window scaled to [0, 1] (Models Genesis); 'nnunet', "
-                        "corrupted in that window, then normalised as nnU-Net normalises the target (CT with the "
-                        "target's CT parameters, MRI z-scored over its non-zero voxels) [%(default)s]")
-    p.add_argument("--seed", type=int, default=d.seed, help="[%(default)s]")
+    setting("intensity", choices=["unit", "nnunet"],
+            text="cube intensities: 'unit', each source's window scaled to [0, 1] (Models Genesis); 'nnunet', "
+                 "transformed in that window, then normalised as nnU-Net normalises the target (CT with the "
+                 "target's CT parameters, MRI z-scored over its non-zero voxels) [%(default)s]")
+    setting("seed", "[%(default)s]")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="[%(default)s]")
     p.add_argument("-num_gpus", type=int, default=1,
                    help="DDP processes on this node, as nnUNetv2_train's -num_gpus (with -device cpu: gloo processes); "
@@ -109,6 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from checkpoint_latest.pth of this run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same output folder")
     return p
+
+
+def add_objective_options(p: argparse.ArgumentParser):
+    """Every objective's own settings (its ``Settings`` dataclass) as ``--<objective>-<option>``."""
+    from nnunet_sar.pretraining.objectives import available, objective_class
+    from nnunet_sar.pretraining.objectives.base import options_of
+    for name in available():
+        options = options_of(objective_class(name))
+        if not options:
+            continue
+        group = p.add_argument_group(f"options of --objective {name}")
+        for key, (default, text) in options.items():
+            kind = type(default) if isinstance(default, (int, float, str)) and not isinstance(default, bool) else str
+            group.add_argument(f"--{name}-{key.replace('_', '-')}", dest=f"objopt:{name}:{key}", type=kind, metavar=key.upper(),
+                               default=None, help=f"{text} [{default}]".replace("%", "%%"))
+
+
+def objective_options(args: argparse.Namespace) -> dict:
+    """The options given for the chosen objective; an option of another objective is an error."""
+    out = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("objopt:") and value is not None:
+            _, name, key = dest.split(":")
+            if name != args.objective:
+                raise SystemExit(f"nnunet_sar_pretrain: error: --{name}-{key.replace('_', '-')} is an option of "
+                                 f"--objective {name}, not of {args.objective}")
+            out[key] = value
+    return out
 
 
 COUNTS_SUFFIX = re.compile(r"^(.+):(\d+),(\d+),(\d+)$")
@@ -158,7 +203,7 @@ def settings_from_args(argv=None):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainSettings) if hasattr(args, f.name)}
     settings = PretrainSettings(**{
         **values, "num_workers": workers, "cubes_per_source": {**args.cubes_per_source, **own_counts},
-        "preset_values": preset_values,
+        "preset_values": preset_values, "objective_options": objective_options(args),
         "corruptions": {**PretrainSettings(dataset="", sources=[]).corruptions, **dict(args.corruption)}})
     return settings, args
 
@@ -186,19 +231,20 @@ def main(argv=None):
 def _run(rank: int, world_size: int, settings, continue_training: bool, overwrite: bool):
     """One process of a (possibly distributed) pre-training run."""
     import torch.distributed as dist
-    from nnunet_sar.pretraining.loop import SARPretrainer
     try:
         if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun --nproc_per_node 1 runs DDP too
             dist.init_process_group("nccl" if settings.device == "cuda" else "gloo", rank=rank, world_size=world_size)
-        trainer = SARPretrainer(settings)
-        trainer.initialize(continue_training=continue_training, overwrite=overwrite)
-        trainer.run_training()
-    except SARError as e:
-        print("nnunet_sar_pretrain: error: " + one_line(e), file=sys.stderr)  # always one line
-        sys.exit(2)
+        console_main("nnunet_sar_pretrain")(_train)(settings, continue_training, overwrite)  # errors: one line
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train(settings, continue_training: bool, overwrite: bool):
+    from nnunet_sar.pretraining.loop import SARPretrainer
+    trainer = SARPretrainer(settings)
+    trainer.initialize(continue_training=continue_training, overwrite=overwrite)
+    trainer.run_training()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ __all__ = [
     "ImagePainting",
     "genesis_corruptions",
     "corrupt",
-    "corrupt_batch",
     "tune_malloc",
 ]
 
@@ -384,14 +383,3 @@ def corrupt(cube: torch.Tensor, transforms) -> Tuple[torch.Tensor, torch.Tensor]
         image = cube.clone()
     return image, target
 
-
-def corrupt_batch(batch: torch.Tensor, transforms) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, X, Y, Z) clean cubes on any device -> (inputs, targets), same shape, dtype and device;
-    every sample gets its own random parameters."""
-    if batch.ndim < 4:
-        raise ValueError(f"expected a (B, C, X, Y[, Z]) tensor, got shape {tuple(batch.shape)}")
-    inputs = torch.empty_like(batch)
-    targets = torch.empty_like(batch)
-    for b in range(batch.shape[0]):
-        inputs[b], targets[b] = corrupt(batch[b], transforms)
-    return inputs, targets

@@ -35,6 +35,8 @@ __all__ = [
     "check_patch_size",
     "MultiScaleCubes",
     "fixed_validation_cubes",
+    "seeded_transform",
+    "transform_batch",
 ]
 
 SCALES = (1 / 2, 1 / 4, 1 / 8)  # label 0 = large, 1 = medium, 2 = small
@@ -221,23 +223,9 @@ class MultiScaleCubes(Dataset):
         t = torch.from_numpy(x).float()  # float16 -> float32 in torch (vectorised, much faster than numpy)
         return resize_trilinear(t, self.patch_size)[None]
 
-    def _apply_transforms(self, cube: torch.Tensor, key: tuple[int, int, int]):
-        s = _derived_seed(*key, 1)
-        np_state, py_state = np.random.get_state(), random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                np.random.seed(s)
-                random.seed(s)
-                out = self.transforms(image=cube.clone(), regression_target=cube)
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
-        image = out["image"]
-        target = out.get("regression_target")
-        target = cube if target is None else target
-        return (torch.as_tensor(image, dtype=torch.float32).contiguous(),
-                torch.as_tensor(target, dtype=torch.float32).contiguous())
+    def transform_seed(self, key) -> int:
+        """The seed the transforms of cube ``key`` = (epoch, i) run under, on either path (loader or device)."""
+        return _derived_seed(self.seed, int(key[0]), int(key[1]), 1)
 
     def __getitem__(self, i) -> dict:
         if isinstance(i, tuple):
@@ -253,17 +241,48 @@ class MultiScaleCubes(Dataset):
         v, s = int(vols[i]), int(scales[i])
         rng = np.random.default_rng((self.seed, epoch, i))
         cube = self._crop(v, s, rng)
+        item = {"image": cube, "target": cube.clone(), "scale": torch.tensor(s, dtype=torch.int64),
+                "modality": torch.tensor(self._modality_index[v], dtype=torch.int64),
+                "intensity": self._intensity[v].clone()}
         if self.transforms is not None:
-            image, target = self._apply_transforms(cube, (self.seed, epoch, i))
-        else:
-            image, target = cube, cube.clone()
-        return {
-            "image": image,
-            "target": target,
-            "scale": torch.tensor(s, dtype=torch.int64),
-            "modality": torch.tensor(self._modality_index[v], dtype=torch.int64),
-            "intensity": self._intensity[v].clone(),
-        }
+            item = seeded_transform(self.transforms, item, self.transform_seed((epoch, i)))
+        return item
+
+
+def seeded_transform(transforms, item: dict, seed: int) -> dict:
+    """``transforms`` (batchgeneratorsv2 style: ``transforms(image=..., regression_target=..., **labels) -> dict``)
+    of one cube under torch / numpy / python RNGs seeded with ``seed`` (CPU and the cube's device), the
+    global RNG states left as they were. ``image`` is what it returns as ``image``, ``target`` what it returns
+    as ``regression_target`` (the clean cube, flipped along with the image); keys it adds (an objective's
+    labels) are kept. The data loader and the device path (``nnunet_sar_pretrain --transform-on``) both call
+    this, so a cube gets the same corruption on either."""
+    cube = item["image"]
+    s = int(seed)
+    devices = [cube.device.index or 0] if cube.device.type == "cuda" else []
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(s)
+            np.random.seed(s)
+            random.seed(s)
+            out = transforms(**{k: v for k, v in item.items() if k not in ("image", "target")},
+                             image=cube.clone(), regression_target=item["target"])
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    target = out.pop("regression_target", None)
+    out["target"] = item["target"] if target is None else target
+    for k in ("image", "target"):
+        out[k] = torch.as_tensor(out[k], dtype=torch.float32).contiguous()
+    return {**item, **out}
+
+
+def transform_batch(transforms, batch: dict, seeds) -> dict:
+    """``transforms`` on a batch, cube by cube on the batch's device, each under the seed the data loader
+    would have used (``MultiScaleCubes.transform_seed``): the device path of ``--transform-on`` (the loop's
+    ``_step``), giving the loader path's cubes."""
+    items = [seeded_transform(transforms, {k: v[b] for k, v in batch.items()}, seed) for b, seed in enumerate(seeds)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
 def fixed_validation_cubes(volumes: list[Volume], patch_size, cubes_per_volume=(1, 1, 2), transforms=None,
@@ -280,4 +299,4 @@ def fixed_validation_cubes(volumes: list[Volume], patch_size, cubes_per_volume=(
                          modalities=modalities, transforms=transforms, seed=seed, intensity_maps=intensity_maps)
     ds.set_epoch(epoch)
     items = [ds[i] for i in range(len(ds))]
-    return {k: torch.stack([it[k] for it in items]) for k in ("image", "target", "scale", "modality", "intensity")}
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

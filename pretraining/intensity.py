@@ -107,3 +107,13 @@ def apply_intensity_map(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     lo, hi, shift, scale, keep_zero = m.unbind(1)
     out = (torch.minimum(torch.maximum(x, lo), hi) - shift) / scale
     return torch.where((keep_zero > 0) & (x == 0), torch.zeros_like(out), out)
+
+
+def normalise_as_nnunet(batch: dict) -> dict:
+    """A batch's ``image`` and ``target`` (when it has one) mapped by its cubes' ``intensity`` maps: run after
+    an objective's transforms, which are defined on the [0, 1] window."""
+    out = dict(batch)
+    for k in ("image", "target"):
+        if k in out:
+            out[k] = apply_intensity_map(out[k], batch["intensity"])
+    return out

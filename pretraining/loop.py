@@ -11,7 +11,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from os.path import isdir, isfile, join
@@ -23,16 +22,16 @@ import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, save_json
 from torch.utils.data import DataLoader
 
-from nnunet_sar import SARError, __version__
-from nnunet_sar.checkpoint import CHECKPOINT_ENV, atomic_save, cpu_state_dict, load_checkpoint_file, pretrain_output_folder, unwrap
+from nnunet_sar import SARError, __version__, nnunet_folder
+from nnunet_sar.checkpoint import (CHECKPOINT_ENV, atomic_save, cpu_state_dict, encoder_keys, load_checkpoint_file,
+                                   pretrain_output_folder, unwrap)
 from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
-from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, corrupt_batch, genesis_corruptions, tune_malloc
+from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, tune_malloc
 from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, SCALE_NAMES, MultiScaleCubes, check_patch_size,
-                                         fixed_validation_cubes)
-from nnunet_sar.pretraining.intensity import apply_intensity_map, intensity_maps
+                                         fixed_validation_cubes, transform_batch)
+from nnunet_sar.pretraining.intensity import intensity_maps, normalise_as_nnunet
 from nnunet_sar.pretraining.logger import SARLogger
-from nnunet_sar.pretraining.model import SARNetwork
-from nnunet_sar.pretraining.objective import VARIANTS, SARObjective
+from nnunet_sar.pretraining.objectives import available, objective_class
 from nnunet_sar.pretraining.sources import preprocess_sources, split_train_val
 from nnunet_sar.pretraining.transfer_check import check_transfer
 
@@ -62,7 +61,10 @@ class PretrainSettings:
     sources: list
     plans_identifier: str = "nnUNetPlans"
     configuration: str = "3d_fullres"
-    variant: str = "sar"
+    objective: str = "sar"              # a module of pretraining/objectives (found by name)
+    variant: str | None = None          # SAR's ablations (objective sar); None: the objective's own run
+    objective_options: dict = field(default_factory=dict)  # the objective's own settings (its Settings)
+    transform_on: str = "loader"        # where the objective's cube transforms run: "loader" or "device"
     epochs: int = 100
     iters_per_epoch: int | None = None  # None: Table 1's cubes per volume make an epoch
     batch_size: int | None = None       # None: the plans' batch size
@@ -138,19 +140,33 @@ def default_batch_size(configuration_manager, patch_size) -> int:
 
 
 class SARPretrainer:
+    """The pre-training loop for any objective of ``pretraining/objectives`` (``settings.objective``): data,
+    DDP, workers, AMP, per-part clipping, plateau schedule, atomic checkpoints, exact resume and logs. It
+    knows no objective by name."""
+
     def __init__(self, settings: PretrainSettings):
-        if settings.variant not in VARIANTS:
-            raise SARError(f"unknown --variant {settings.variant!r}; choose from {', '.join(VARIANTS)}")
+        try:
+            cls = objective_class(settings.objective)
+        except KeyError:
+            raise SARError(f"unknown --objective {settings.objective!r}; choose from {', '.join(available())}") from None
         self.s = settings
-        self.variant = VARIANTS[settings.variant]
         self.device = torch.device(settings.device)
         self.plans_manager, self.configuration_manager, self.dataset_json = load_plans(
             settings.dataset, settings.plans_identifier, settings.configuration)
         self.dataset_name = self.plans_manager.dataset_name
-        self.output_folder = pretrain_output_folder(self.dataset_name, settings.variant, settings.plans_identifier,
-                                                    settings.configuration)
         self.patch_size = list(settings.patch_size or self.configuration_manager.patch_size)
-        self.batch_size = settings.batch_size or default_batch_size(self.configuration_manager, self.patch_size)
+        strides = self.configuration_manager.network_arch_init_kwargs["strides"]
+        try:
+            self.objective = cls(settings, self.patch_size, strides)
+        except ValueError as e:
+            raise SARError(f"--objective {settings.objective}: {e}") from None
+        self.run_name = self.objective.run_name
+        self.output_folder = pretrain_output_folder(self.dataset_name, self.run_name, settings.plans_identifier,
+                                                    settings.configuration)
+        self.cube_size = self.objective.cube_size()
+        self.batch_size = settings.batch_size or default_batch_size(self.configuration_manager, self.cube_size)
+        if settings.transform_on not in ("loader", "device"):
+            raise SARError(f"--transform-on {settings.transform_on!r}: 'loader' or 'device'")
         self.is_ddp = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
         if self.is_ddp and self.device.type == "cuda":
@@ -163,22 +179,26 @@ class SARPretrainer:
 
     # ------------------------------------------------------------------ set-up
     def initialize(self, continue_training: bool = False, overwrite: bool = False):
-        s = self.s
+        s, obj = self.s, self.objective
         try:  # before the (long) preprocessing of the sources
             check_patch_size(self.patch_size, self.configuration_manager.network_arch_init_kwargs["strides"])
         except ValueError as e:
             raise SARError(f"patch size for {s.plans_identifier} / {s.configuration}: {e}") from None
-        # training cubes are redrawn at the variant's scales (Variant.cubes_per_volume), validation cubes are not
+        try:
+            obj.check()
+        except ValueError as e:
+            raise SARError(f"--objective {obj.name}: {e}") from None
+        # training cubes are redrawn at the objective's scales (cubes_per_volume), validation cubes are not
         for flag, counts, scales in (("--cubes-per-volume", s.cubes_per_volume, range(3)),
                                      *((f"cubes per volume of source {k}", c, range(3)) for k, c in s.cubes_per_source.items()),
-                                     ("--val-cubes-per-volume", s.val_cubes_per_volume, self.variant.scales)):
+                                     ("--val-cubes-per-volume", s.val_cubes_per_volume, obj.scales)):
             if len(counts) != 3 or min(counts) < 0 or not sum(counts[i] for i in scales):
                 raise SARError(f"{flag} {' '.join(map(str, counts))}: give 3 counts >= 0 (1/2, 1/4, 1/8 crops), not all "
-                               f"zero at the scales variant '{s.variant}' uses ({[SCALE_NAMES[i] for i in scales]})")
+                               f"zero at the scales '{self.run_name}' uses ({[SCALE_NAMES[i] for i in scales]})")
         self._prepare_output_folder(continue_training, overwrite)
         torch.manual_seed(s.seed), np.random.seed(s.seed), random.seed(s.seed)
         tune_malloc()  # the cubes are made here when --num-workers is 0 (see corruptions.tune_malloc)
-        cache = s.cache_dir or join(os.environ.get("nnUNet_preprocessed", "."), "nnUNetSAR_sources")
+        cache = s.cache_dir or join(nnunet_folder("nnUNet_preprocessed"), "nnUNetSAR_sources")
         if self.rank == 0:
             volumes = preprocess_sources(s.sources, cache, num_processes=max(1, s.num_workers))
         self._barrier()  # the other ranks then only read the cache
@@ -191,71 +211,73 @@ class SARPretrainer:
                            f"need at least two cases (--val-fraction {s.val_fraction})")
         self.total_train_volumes = len(self.train_volumes)
         # every variant draws as many cubes per volume as sar, at its own scales (Table 3 at equal steps)
-        counts = [self.variant.cubes_per_volume(self.source_counts[v.source]) for v in self.train_volumes]
+        counts = [obj.cubes_per_volume(self.source_counts[v.source]) for v in self.train_volumes]
         self.cubes_per_epoch = sum(map(sum, counts))
         # DDP: every rank samples its own shard of the training volumes; validation is the same everywhere
         self.train_volumes = self.train_volumes[self.rank::self.world_size]
         if not self.train_volumes:
             raise SARError(f"{self.total_train_volumes} training volumes cannot be shared by {self.world_size} ranks")
         self.modalities = sorted({v.modality for v in volumes})
-        self.adversarial = self.variant.adversarial
-        if self.batch_size < 8 and self.adversarial:
-            warnings.warn(f"batch size {self.batch_size}: M normalises its features over the batch, and so few cubes "
-                          f"per batch hide modality differences; consider --preset paper (the paper's 32 64 64 cube, "
-                          f"batch 32) or --batch-size 8 or more")
-        if self.adversarial and len(self.modalities) < 2:
-            warnings.warn(f"all sources are {self.modalities[0]}: the adversarial term has nothing to separate and is "
-                          f"left out of this run")
-            self.adversarial = False
+        obj.setup(self.modalities, self.batch_size)
 
         unet = build_pretraining_network(self.plans_manager, self.configuration_manager, num_channels=1,
                                          norm=s.norm)
-        self.network = SARNetwork(unet, num_scales=3, num_modalities=len(self.modalities),
-                                  scale_head=self.variant.scale_loss, discriminator=self.adversarial).to(self.device)
+        self.network = obj.build_network(unet).to(self.device)
         if self.is_ddp:
             if self.device.type == "cuda":
                 self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
             self.network = torch.nn.parallel.DistributedDataParallel(
-                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.objective = SARObjective(s.alpha, s.beta, s.intensity)
-        net = self.sar_network
-        groups = [{"params": net.unet.parameters(), "lr": s.lr_unet, "name": "unet"}]
-        if net.scale_head is not None:
-            groups.append({"params": net.scale_head.parameters(), "lr": s.lr_scale, "name": "scale_head"})
-        if net.discriminator is not None:
-            groups.append({"params": net.discriminator.parameters(), "lr": s.lr_disc, "name": "discriminator"})
-        self.optimizer = torch.optim.SGD(groups, momentum=s.momentum)
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=obj.transfers != "all")  # an encoder objective leaves the decoder unused
+        self.optimizer = torch.optim.SGD(self.param_groups(), momentum=s.momentum)
         self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=s.plateau_factor, patience=s.plateau_patience)
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
 
-        self.transforms = genesis_corruptions(**s.corruptions)
+        self.transforms = obj.transforms()
         maps = dict(zip((v.path for v in volumes), intensity_maps(  # over all volumes: the same on every rank
             volumes, s.intensity, self.plans_manager, self.configuration_manager)))
-        train_maps, val_maps = [maps[v.path] for v in self.train_volumes], [maps[v.path] for v in self.val_volumes]
-        self.train_cubes = MultiScaleCubes(self.train_volumes, self.patch_size,
+        self.train_cubes = MultiScaleCubes(self.train_volumes, self.cube_size,
                                            cubes_per_volume=counts[self.rank::self.world_size],
                                            modalities=self.modalities, seed=s.seed,
-                                           transforms=self.transforms if self.device.type == "cpu" else None,
-                                           intensity_maps=train_maps)
-        val_per_volume = [c if i in self.variant.scales else 0 for i, c in enumerate(s.val_cubes_per_volume)]
-        self.val_batch = fixed_validation_cubes(self.val_volumes, self.patch_size, val_per_volume,
+                                           transforms=self.transforms if s.transform_on == "loader" else None,
+                                           intensity_maps=[maps[v.path] for v in self.train_volumes])
+        val_per_volume = [c if i in obj.scales else 0 for i, c in enumerate(s.val_cubes_per_volume)]
+        self.val_batch = fixed_validation_cubes(self.val_volumes, self.cube_size, val_per_volume,
                                                 self.transforms, seed=s.seed + 1, modalities=self.modalities,
-                                                intensity_maps=val_maps)
+                                                intensity_maps=[maps[v.path] for v in self.val_volumes])
+        what = getattr(obj, "description_of_run", f"pre-training '{obj.name}' ({obj.description})")
         self.print_to_log_file(
-            f"SAR pre-training '{s.variant}' ({self.variant.description}) for {self.dataset_name} / "
+            f"{what} for {self.dataset_name} / "
             f"{s.plans_identifier} / {s.configuration}: {len(self.train_volumes)} training and "
-            f"{len(self.val_volumes)} validation volumes, modalities {self.modalities}, patch {self.patch_size}, "
-            f"batch {self.batch_size}, {self.iterations_per_epoch} iterations per epoch, device {self.device}")
+            f"{len(self.val_volumes)} validation volumes, modalities {self.modalities}, patch {self.patch_size}"
+            + (f" (cubes of {self.cube_size})" if self.cube_size != self.patch_size else "") +
+            f", batch {self.batch_size}, {self.iterations_per_epoch} iterations per epoch, device {self.device}, "
+            f"cube transforms in the {s.transform_on}")
         self.print_to_log_file(
             f"cubes per volume (large, medium, small) by source: {self.source_counts}"
-            + (f", drawn at the {'/'.join(SCALE_NAMES[i] for i in self.variant.scales)} scale only (as many cubes as "
-               f"sar)" if len(self.variant.scales) < 3 else "") + f"; {self.cubes_per_epoch} training cubes per epoch"
+            + (f", drawn at the {'/'.join(SCALE_NAMES[i] for i in obj.scales)} scale only (as many cubes as "
+               f"sar)" if len(obj.scales) < 3 else "") + f"; {self.cubes_per_epoch} training cubes per epoch"
             + (f"; preset '{s.preset}'" if s.preset else ""))
+        if obj.transfers != "all":
+            self.print_to_log_file(f"'{obj.name}' trains the encoder only: fine-tuning takes the encoder, the decoder "
+                                   f"keeps nnU-Net's initialisation")
         if self.rank == 0:
             save_json(self.settings_dict(), join(self.output_folder, "settings.json"), sort_keys=False)
         if continue_training:
             self.load_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+
+    def param_groups(self) -> list:
+        """One SGD group per part: the U-Net at --lr-unet, every head the objective adds at its own rate."""
+        net, obj = self.sar_network, self.objective
+        groups = [{"params": list(net.unet.parameters()), "lr": self.s.lr_unet, "name": "unet"}]
+        for name, head in self.heads().items():
+            groups.append({"params": list(head.parameters()), "lr": obj.head_lr(name), "name": name})
+        return groups
+
+    def heads(self) -> dict:
+        """The modules the objective adds to the U-Net (saved beside ``network_weights`` under their names)."""
+        return {name: m for name, m in self.sar_network.named_children() if name != "unet"}
 
     def _prepare_output_folder(self, continue_training: bool, overwrite: bool):
         if self.rank != 0:
@@ -277,7 +299,8 @@ class SARPretrainer:
             raise SARError(f"cannot write to {self.output_folder}: {e.strerror}") from None
 
     @property
-    def sar_network(self) -> SARNetwork:
+    def sar_network(self) -> torch.nn.Module:
+        """The objective's network (U-Net and heads) without DDP's wrapper."""
         return unwrap(self.network)
 
     @property
@@ -290,9 +313,11 @@ class SARPretrainer:
             dist.barrier()
 
     def settings_dict(self) -> dict:
-        return {**dataclasses.asdict(self.s), "dataset_name": self.dataset_name, "modalities": self.modalities,
-                "adversarial": self.adversarial, "scale_loss": self.variant.scale_loss,
-                "scales": list(self.variant.scales), "batch_size": self.batch_size, "patch_size": self.patch_size,
+        obj = self.objective
+        return {**dataclasses.asdict(self.s), "variant": self.run_name, "dataset_name": self.dataset_name,
+                "modalities": self.modalities, "transfers": obj.transfers, "scales": list(obj.scales), **obj.record(),
+                "objective_options": dataclasses.asdict(obj.options) if obj.options is not None else {},
+                "batch_size": self.batch_size, "patch_size": self.patch_size, "cube_size": self.cube_size,
                 "cubes_per_volume_by_source": self.source_counts, "cubes_per_epoch": self.cubes_per_epoch,
                 "iterations_per_epoch": self.iterations_per_epoch,
                 "network_class": self.configuration_manager.network_arch_class_name, "num_input_channels": 1,
@@ -316,18 +341,14 @@ class SARPretrainer:
                           num_workers=self.s.num_workers, pin_memory=self.device.type == "cuda",
                           worker_init_fn=_tune_malloc_in_worker)
 
-    def _step(self, batch: dict, train: bool) -> dict:
-        image = batch["image"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
-        if train and self.device.type != "cpu":  # corruptions run batched on the accelerator
-            image, target = corrupt_batch(image, self.transforms)
-        maps = batch["intensity"]
-        if self.s.intensity != "unit":  # corrupted in the [0, 1] window, then normalised as nnU-Net will show them
-            image, target = apply_intensity_map(image, maps), apply_intensity_map(target, maps)
+    def _step(self, batch: dict, train: bool, seeds=None) -> dict:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if seeds is not None:  # --transform-on device: the loader's per-cube seeds, here on the batch's device
+            batch = transform_batch(self.transforms, batch, seeds)
+        if self.s.intensity != "unit":  # transformed in the [0, 1] window, then normalised as nnU-Net will show them
+            batch = normalise_as_nnunet(batch)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            restored, scale_logits, modality_logits = self.network(image, self.s.adv_weight)
-            terms = self.objective(restored, scale_logits, modality_logits, target,
-                                   batch["scale"].to(self.device), batch["modality"].to(self.device), maps)
+            terms = self.objective.terms(self.network, batch)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
             loss = terms["total"]
@@ -351,7 +372,12 @@ class SARPretrainer:
 
     def train_epoch(self) -> dict:
         self.network.train()
-        results = [self._step(batch, train=True) for batch in self._loader()]
+        loader = self._loader()
+        keys, bs = list(loader.sampler), self.batch_size
+        on_device = self.s.transform_on == "device" and self.transforms is not None
+        results = [self._step(batch, train=True, seeds=[self.train_cubes.transform_seed(k) for k in
+                                                         keys[j * bs:(j + 1) * bs]] if on_device else None)
+                   for j, batch in enumerate(loader)]
         means = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
         if self.is_ddp:  # the mean over all ranks, for the log
             t = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=self.device)
@@ -394,7 +420,8 @@ class SARPretrainer:
         final = join(self.output_folder, "checkpoint_final.pth")
         self.save_checkpoint(final)
         if self.rank == 0:  # does nnU-Net's network do what this one learned? (transfer_check.json / .png)
-            check_transfer(final, self.val_batch, self.batch_size, self.device, log=self.print_to_log_file)
+            check_transfer(final, self.val_batch, self.batch_size, self.device, log=self.print_to_log_file,
+                           objective=self.objective)
         self.print_to_log_file(f"done: {final}")
         self.print_to_log_file(self.handed_on())
 
@@ -405,9 +432,9 @@ class SARPretrainer:
         check measured this file. Models Genesis hands on its best validation model instead."""
         losses = self.logger.my_fantastic_logging["val_loss"]
         if not losses:
-            return "fine-tuning (nnUNetTrainerSAR*) loads checkpoint_final.pth (no epoch trained)"
+            return "fine-tuning loads checkpoint_final.pth (no epoch trained)"
         best = int(np.argmin(losses))
-        return (f"fine-tuning (nnUNetTrainerSAR*) loads checkpoint_final.pth (epoch {len(losses)}, validation loss "
+        return (f"fine-tuning loads checkpoint_final.pth (epoch {len(losses)}, validation loss "
                 f"{losses[-1]:.4g}); the lowest validation loss, {losses[best]:.4g} at epoch {best + 1}, is in "
                 f"checkpoint_best.pth: {CHECKPOINT_ENV}={join(self.output_folder, 'checkpoint_best.pth')} hands that "
                 f"on instead (Models Genesis' choice)")
@@ -424,23 +451,22 @@ class SARPretrainer:
 
     def on_epoch_end(self, start: float, train: dict, val: dict):
         e, log = self.current_epoch, self.logger
-        for k in ("res", "scale", "adv", "scale_acc", "adv_acc"):
+        terms = [k for k in val if k not in ("total", "scheduled")]
+        for k in terms:  # whatever terms the objective returns
             log.log(f"train_{k}", train.get(k, np.nan), e)
-            log.log(f"val_{k}", val.get(k, np.nan), e)
+            log.log(f"val_{k}", val[k], e)
         log.log("val_loss", val["scheduled"], e)
         for group in self.optimizer.param_groups:
             log.log(f"lr_{group['name']}", group["lr"], e)
         log.log("epoch_start_timestamps", start, e)
         log.log("epoch_end_timestamps", time(), e)
-        parts = [f"res {train['res']:.4f}/{val['res']:.4f}"]
-        if "scale" in val:
-            parts.append(f"scale {train['scale']:.3f}/{val['scale']:.3f} (acc {val['scale_acc']:.2f})")
-        if "adv" in val:
-            parts.append(f"adv {train['adv']:.3f}/{val['adv']:.3f} (M acc {val['adv_acc']:.2f})")
-        self.print_to_log_file(f"epoch {e + 1}/{self.s.epochs} train/val: " + ", ".join(parts) +
-                               f"; lr {self.optimizer.param_groups[0]['lr']:.3g}; {time() - start:.1f} s")
+        parts = [f"{k} {train.get(k, np.nan):.4g}/{val[k]:.4g}" for k in terms if not k.endswith("_acc")]
+        accs = [f"{k} {val[k]:.2f}" for k in terms if k.endswith("_acc")]
+        self.print_to_log_file(f"epoch {e + 1}/{self.s.epochs} train/val: " + ", ".join(parts)
+                               + (f" (val {', '.join(accs)})" if accs else "")
+                               + f"; lr {self.optimizer.param_groups[0]['lr']:.3g}; {time() - start:.1f} s")
         if self.rank == 0:
-            log.plot_progress_png(self.output_folder)
+            log.plot_progress_png(self.output_folder, title=f"pre-training '{self.run_name}'")
         self.current_epoch += 1
         if self.best_val_loss is None or val["scheduled"] < self.best_val_loss:
             self.best_val_loss = val["scheduled"]
@@ -452,11 +478,13 @@ class SARPretrainer:
         if self.rank != 0:
             return
         net = self.sar_network
-        heads = {name: cpu_state_dict(m) for name, m in (("scale_head", net.scale_head),
-                                                          ("discriminator", net.discriminator)) if m is not None}
+        heads = {name: cpu_state_dict(m) for name, m in self.heads().items()}
         unet = cpu_state_dict(net.unet)
         weights = nnunet_weights(unet)
         atomic_save({
+            "objective": self.objective.name,
+            "trained_keys": self.trained_keys(weights),
+            "heads": sorted(heads),
             "network_weights": weights,  # exactly nnU-Net's keys: the -pretrained_weights format
             "norm_statistics": {k: v for k, v in unet.items() if k not in weights},  # batch norm, for --continue
             **heads,
@@ -468,11 +496,19 @@ class SARPretrainer:
             "best_val_loss": self.best_val_loss,
             "rng_states": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "trainer_name": f"nnUNetSARPretrain_{self.s.variant}",
+            "trainer_name": f"nnUNetSARPretrain_{self.run_name}",
             "settings": self.settings_dict(),
         }, fname)
 
-    RESUME_MUST_MATCH = ("norm", "modalities", "adversarial", "scale_loss", "patch_size", "batch_size")
+    def trained_keys(self, weights: dict) -> list:
+        """The keys of ``network_weights`` this objective trains (what fine-tuning may take over)."""
+        if self.objective.transfers == "all":
+            return sorted(weights)
+        encoder = encoder_keys(self.sar_network.unet)
+        return sorted(k for k in weights if k in encoder)
+
+    RESUME_MUST_MATCH = ("objective", "variant", "objective_options", "norm", "modalities", "adversarial",
+                         "scale_loss", "patch_size", "batch_size")
 
     def load_checkpoint(self, fname: str):
         ckpt = load_checkpoint_file(fname)
@@ -484,9 +520,8 @@ class SARPretrainer:
                            f"same options or start again with --overwrite")
         net = self.sar_network
         net.unet.load_state_dict({**ckpt["network_weights"], **ckpt.get("norm_statistics", {})})
-        for name in ("scale_head", "discriminator"):
-            if getattr(net, name) is not None:
-                getattr(net, name).load_state_dict(ckpt[name])
+        for name, head in self.heads().items():
+            head.load_state_dict(ckpt[name])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler_state"])
         if self.grad_scaler is not None and ckpt.get("grad_scaler_state"):

@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import re
 import time
-import uuid
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from typing import Iterable
 import numpy as np
 
 from nnunet_sar import SARError, one_line
+from nnunet_sar.files import atomic_write
 
 __all__ = [
     "Volume",
@@ -321,18 +321,7 @@ def preprocess_volume(image_file: str, modality: str, spacing=(1.0, 1.0, 1.0), c
 
 
 def _atomic_write_bytes(path: str, writer) -> None:
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # full disk, read-only folder, a file where a folder should be
-        raise SourceError(f"cannot write {path}: {e.strerror or one_line(e)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, writer, error=SourceError)
 
 
 def _save_npy_atomic(path: str, arr: np.ndarray) -> None:

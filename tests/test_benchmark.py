@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from nnunet_sar import benchmark
+from nnunet_sar.commands import benchmark
 
 TOY_PATCH = (32, 32, 16)  # Models Genesis' reference code needs sides >= 16 (its boxes keep 3 voxels off the faces)
 

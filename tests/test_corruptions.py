@@ -12,7 +12,6 @@ from nnunet_sar.pretraining.corruptions import (
     LocalPixelShuffling,
     NonLinearIntensity,
     corrupt,
-    corrupt_batch,
     genesis_corruptions,
 )
 
@@ -275,23 +274,24 @@ def test_defaults_shapes_dtype_range():
         assert torch.equal(torch.sort(tgt.flatten()).values, torch.sort(x.flatten()).values)
 
 
-def test_corrupt_batch():
-    torch.manual_seed(0)
-    one = torch.rand(1, 32, 32, 16)
-    batch = one.unsqueeze(0).repeat(6, 1, 1, 1, 1)
+def test_transform_batch():
+    """The device path of --transform-on: each cube under its own seed, reproducible from the seeds alone."""
+    from nnunet_sar.pretraining.cubes import transform_batch
+    one = torch.rand(1, 32, 32, 16, generator=torch.Generator().manual_seed(0))
+    batch = {"image": one.unsqueeze(0).repeat(6, 1, 1, 1, 1)}
+    batch["target"] = batch["image"].clone()
     tr = genesis_corruptions(flip_p=0, shuffle_p=1, nonlinear_p=1, paint_p=1)
-    inp, tgt = corrupt_batch(batch, tr)
-    assert inp.shape == batch.shape == tgt.shape and inp.dtype == batch.dtype
-    assert inp.device == batch.device == tgt.device
-    assert torch.equal(tgt, batch)
-    # per-sample parameters: identical clean samples get different corruptions
+    out = transform_batch(tr, batch, seeds=range(6))
+    inp, tgt = out["image"], out["target"]
+    assert inp.shape == batch["image"].shape == tgt.shape and inp.dtype == batch["image"].dtype
+    assert torch.equal(tgt, batch["image"])
+    # per-cube seeds: identical clean cubes get different corruptions
     assert len({inp[i].sum().item() for i in range(6)}) == 6
-    # same seed -> same result (global torch RNG)
+    # the same seeds give the same cubes, whatever the global RNG did in between
     torch.manual_seed(3)
-    a = corrupt_batch(batch, genesis_corruptions())
-    torch.manual_seed(3)
-    b = corrupt_batch(batch, genesis_corruptions())
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    again = transform_batch(tr, batch, seeds=range(6))
+    assert torch.equal(again["image"], inp) and torch.equal(again["target"], tgt)
+    assert not torch.equal(transform_batch(tr, batch, seeds=range(6, 12))["image"], inp)
 
 
 def test_probabilities_of_each_step():

@@ -110,7 +110,7 @@ def test_trainer_starts_from_its_variant_trains_and_predicts(trained, variant_ch
 def test_report_on_real_result_folders(trained, tiny_plans, tmp_path):
     """The report's Dice equals nnU-Net's own summary.json, and its loss curves are the checkpoints' logs."""
     import json
-    from nnunet_sar.report import run
+    from nnunet_sar.commands.report import run
     r = run(["-d", TARGET, "-p", tiny_plans, "-tr", *REPORTED, "--folds", "0", "--no-strata", "-o", str(tmp_path)])
     for t in REPORTED:
         folder = trained["runs"][t]["folder"]

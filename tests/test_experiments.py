@@ -195,7 +195,7 @@ def test_single_channel_checkpoint_adapts_to_four_channels(planned_target):
 # ------------------------------------------------------------------------------------------- splits
 def test_random_split_holds_out_a_third(planned_target):
     from nnunet_sar import SARError
-    from nnunet_sar.datasets import raw_case_ids, write_random_split
+    from nnunet_sar.commands.datasets import raw_case_ids, write_random_split
     from nnunet_sar.network import preprocessed_folder
     fname = join(preprocessed_folder(TARGET), "splits_final.json")
     before = open(fname).read() if isfile(fname) else None
@@ -243,7 +243,7 @@ def _fake_brats(root, cases=(("HGG", "Brats18_A_1"), ("HGG", "Brats18_A_2"), ("L
 
 def test_convert_brats2018_target_and_source(tmp_path, nnunet_folders, capsys):
     import SimpleITK as sitk
-    from nnunet_sar.datasets import main_convert_brats2018
+    from nnunet_sar.commands.datasets import main_convert_brats2018
     from nnunet_sar.pretraining.sources import list_source_images
     brats = _fake_brats(tmp_path / "BRATS")
     raw = nnunet_folders["nnUNet_raw"]
@@ -290,7 +290,7 @@ def test_convert_brats2018_target_and_source(tmp_path, nnunet_folders, capsys):
 @pytest.mark.parametrize("layout", ["LUNA16", "LiTS", "MSD"])
 def test_convert_source(tmp_path, nnunet_folders, capsys, layout):
     import SimpleITK as sitk
-    from nnunet_sar.datasets import main_convert_source
+    from nnunet_sar.commands.datasets import main_convert_source
     from nnunet_sar.pretraining.sources import list_source_images
     d = tmp_path / layout
     arr = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
@@ -376,7 +376,7 @@ def _fake_results(results_root, dataset="Dataset871_Fake"):
 
 def test_report_numbers_equal_a_computation_by_hand(tmp_path, nnunet_folders, monkeypatch):
     from scipy import stats
-    from nnunet_sar.report import main, run
+    from nnunet_sar.commands.report import main, run
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     _fake_results(str(tmp_path / "results"))
     out = tmp_path / "report"
@@ -422,7 +422,7 @@ def test_report_numbers_equal_a_computation_by_hand(tmp_path, nnunet_folders, mo
 
 
 def test_report_without_results_says_what_to_run(tmp_path, monkeypatch, capsys):
-    from nnunet_sar.report import main, run
+    from nnunet_sar.commands.report import main, run
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     (tmp_path / "results" / "Dataset872_Empty").mkdir(parents=True)
     with pytest.raises(SystemExit):

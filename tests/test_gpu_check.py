@@ -1,6 +1,6 @@
 """``nnunet_sar_benchmark --gpu-check``: its CPU form end to end (every path named, pass where the CPU can run
 it, ``skipped (needs CUDA)`` where it cannot, the figures consistent), and the device-side corruption branch
-(``corrupt_batch``, what ``SARPretrainer._step`` runs on an accelerator) on CPU tensors."""
+(``transform_batch``, what ``SARPretrainer._step`` runs under ``--transform-on device``) on CPU tensors."""
 import json
 import math
 import os
@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import exe, run
 
-from nnunet_sar import gpu_check
-from nnunet_sar.pretraining.corruptions import corrupt, corrupt_batch, genesis_corruptions
+from nnunet_sar.commands import gpu_check
+from nnunet_sar.pretraining.corruptions import corrupt, genesis_corruptions
 
-CPU_PASS = ["demo", "pretrain_steps.corrupt_batch_into_step_cpu", "pretrain_steps.grad_scaler_branch_cpu",
+CPU_PASS = ["demo", "pretrain_steps.corruptions_on_device_in_step", "pretrain_steps.grad_scaler_branch_cpu",
             "checkpoint_cpu_only", "resume_bit_identical", "corruption_statistics", "ddp_torchrun_1proc_gloo",
             "throughput", "finetune_overhead"]
-CPU_NEEDS_CUDA = ["pretrain_steps.corruptions_on_device_in_step", "pretrain_steps.amp_autocast_fp16",
+CPU_NEEDS_CUDA = ["pretrain_steps.amp_autocast_fp16",
                   "pretrain_steps.grad_scaler_cuda", "ddp_nccl", "throughput.amp_on", "throughput.peak_gpu_memory"]
 
 
@@ -36,7 +36,7 @@ def check_cpu_form_result(res: dict, text: str):
     fig = {e["path"]: e["figures"] for e in res["entries"]}
 
     assert fig["demo"]["checkpoint"] and set(fig["demo"]["test_dice"]) == {"nnUNetTrainerSAR_check"}
-    steps = fig["pretrain_steps.corrupt_batch_into_step_cpu"]
+    steps = fig["pretrain_steps.corruptions_on_device_in_step"]
     assert steps["steps"] == gpu_check.SIZES["cpu"]["steps"] and steps["max_weight_change"] > 0
     assert all(math.isfinite(v) for v in steps["total_loss"])
     scales = fig["pretrain_steps.grad_scaler_branch_cpu"]["grad_scale"]
@@ -81,27 +81,12 @@ def test_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the device branch on CPU tensors
-def test_corrupt_batch_on_cpu_equals_the_per_cube_path_for_the_same_rng():
-    """corrupt_batch is corrupt() per sample on one RNG stream: with the same seed both give the same cubes."""
-    tr = genesis_corruptions(flip_p=0.5, shuffle_p=0.5, nonlinear_p=0.9, paint_p=0.9, inpaint_share=0.5)
-    batch = torch.rand(6, 1, 16, 20, 12)
-    torch.manual_seed(3)
-    images, targets = corrupt_batch(batch, tr)
-    torch.manual_seed(3)
-    for b in range(len(batch)):
-        image, target = corrupt(batch[b], tr)
-        assert torch.equal(images[b], image) and torch.equal(targets[b], target), b
-    assert images.dtype == batch.dtype and images.shape == batch.shape
-    assert not torch.equal(images, batch)  # it corrupts
-    assert len({round(float((images[b] - batch[b]).abs().sum()), 3) for b in range(6)}) == 6  # each its own draw
-
-
 def test_corruption_statistics_on_cpu_tensors_within_bounds():
     res = gpu_check.corruption_statistics("cpu", 120, [24, 24, 24], seed=11)
     failed = [k for k, v in res["checks"].items() if not v]
     assert not failed, (failed, res["paths"])
     assert res["expected"]["flip"] == pytest.approx(0.368)  # 0.4 * 0.6 + 0.16 * 0.6 * 2/3 + 0.064
-    assert set(res["paths"]) == {"corrupt_batch on cpu", "per cube on cpu"} and len(res["checks"]) == 28
+    assert set(res["paths"]) == {"transform_batch on cpu", "per cube on cpu"} and len(res["checks"]) == 28
     for path in res["paths"]:
         c = res["paths"][path]["counts"]
         assert 0 < c["outpaint"] < c["paint"] and 0 < c["inverted"] < c["nonlinear"]

@@ -194,7 +194,7 @@ def test_every_variant_gets_as_many_cubes_and_steps_per_epoch_as_sar(tiny_plans,
     cubes at its one scale, so every variant makes as many steps of as many cubes per epoch as sar (before,
     scale2 and scale4 got 1/4 of them and scale8 1/2). Per-source counts (SRC:L,M,S) count as given."""
     import numpy as np
-    from nnunet_sar.pretraining.objective import VARIANTS
+    from nnunet_sar.pretraining.objectives.sar import VARIANTS
     own = {str(SOURCE_IDS[0]): [1, 1, 2]}  # the CT source: 4 cubes per volume; the MRI source: 16 16 32
     seen = {}
     for name, variant in VARIANTS.items():

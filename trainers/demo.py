@@ -42,3 +42,23 @@ class nnUNetTrainerSAR_check(DemoSchedule, nnUNetTrainerSAR):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
+
+
+class nnUNetTrainerMAE_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant, transfer_parts, warmup = "mae", "all", "sawtooth"
+
+
+class nnUNetTrainerRot_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "rot"
+
+
+class nnUNetTrainerRPL_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "rpl"
+
+
+class nnUNetTrainerJigsaw_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "jigsaw"
+
+
+class nnUNetTrainerCPC_demo(DemoSchedule, nnUNetTrainerSAR):
+    pretraining_variant = "cpc"

@@ -5,16 +5,16 @@ only an accelerator takes, in one command, and writes a JSON and a short text ta
 ``pass``, ``fail`` or ``skipped (needs CUDA)`` and its measured figures:
 
 1. ``demo``: ``nnunet_sar_demo -device D`` end to end (pre-training, ``nnUNetTrainerSAR_demo``, predict, evaluate).
-2. ``pretrain_steps``: ``SARPretrainer._step`` with the loader as the accelerator feeds it (clean cubes;
-   ``transforms=None``), the corruptions run by ``corrupt_batch`` on the device inside ``_step``, AMP autocast
-   and the CUDA gradient scaler: losses finite, the scale sane, the weights moved.
+2. ``pretrain_steps``: ``SARPretrainer._step`` under ``--transform-on device`` (clean cubes from the loader, the
+   corruptions run on the device inside ``_step`` with the loader's per-cube seeds), AMP autocast and the CUDA
+   gradient scaler: losses finite, the scale sane, the weights moved.
 3. ``checkpoint_cpu_only``: that run's checkpoint read in a fresh process with ``CUDA_VISIBLE_DEVICES=""`` by
    nnU-Net's own ``load_pretrained_weights`` (``torch.load`` without map_location), by a plain ``torch.load`` and
    by nnunet_sar's loader.
 4. ``resume``: 2 epochs in one go against 1 epoch + ``--continue`` (``initialize(continue_training=True)``) for
    1 more, deterministic algorithms on: weights, heads, optimizer state and logged losses compared bit for bit.
-5. ``corruption_statistics``: ``corrupt_batch`` on device tensors against the per-cube CPU path (as the
-   Dataset corrupts), same seeds: each corruption's rate against its probability and against the other path
+5. ``corruption_statistics``: the device path (``cubes.transform_batch``) on device tensors against the per-cube
+   CPU path (as the Dataset corrupts): each corruption's rate against its probability and against the other path
    within binomial bounds (4 sigma), value ranges, flips applied to input and target alike.
 6. ``ddp``: ``torchrun --nproc_per_node 1`` (NCCL on CUDA, gloo on the CPU) against ``-num_gpus 1`` (no process
    group, as nnUNetv2_train -num_gpus 1): one epoch each through the console script, weights compared.
@@ -27,9 +27,9 @@ only an accelerator takes, in one command, and writes a JSON and a short text ta
 
 ``-device cuda`` runs at the issue's sizes (under 8 minutes on one GPU is the aim). ``-device cpu`` runs the
 same code at tiny sizes (a minute or two): what needs CUDA itself (autocast in float16, the CUDA gradient
-scaler, NCCL, the ``device != cpu`` branch of ``_step``, peak GPU memory) is reported ``skipped (needs CUDA)``,
-and the code around it runs on CPU tensors in its place (``corrupt_batch`` on CPU batches fed to ``_step``,
-``torch.amp.GradScaler('cpu')`` through ``_step``'s scaler branch, gloo for the process group).
+scaler, NCCL, peak GPU memory) is reported ``skipped (needs CUDA)``, and the code around it runs on CPU
+tensors in its place (``torch.amp.GradScaler('cpu')`` through ``_step``'s scaler branch, gloo for the process
+group); the device path of the corruptions runs on CPU tensors as on CUDA ones.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from os.path import isfile, join
 import numpy as np
 import torch
 
-from nnunet_sar.demo import _exe  # the console scripts of this environment
+from nnunet_sar.commands.demo import _exe  # the console scripts of this environment
 
 NEEDS_CUDA = "skipped (needs CUDA)"
 DEMO_ID = 901  # nnunet_sar_demo's target; its sources are 902 (CT) and 903 (MRI)
@@ -134,7 +134,7 @@ def _settings(device, plans, **kw):
     from nnunet_sar.pretraining.loop import PretrainSettings
     base = dict(dataset=str(DEMO_ID), sources=["902", "903"], plans_identifier=plans, epochs=1, iters_per_epoch=2,
                 batch_size=2, patch_size=[32, 32, 32], lr_unet=0.1, num_workers=0, device=device,
-                val_cubes_per_volume=[1, 1, 1])
+                val_cubes_per_volume=[1, 1, 1], transform_on="device")  # the accelerator's path, on any device
     return PretrainSettings(**{**base, **kw})
 
 
@@ -147,16 +147,13 @@ def _trainer(settings, quiet=True, **init):
     return tr
 
 
-def _accelerator_batches(tr, device):
-    """The batches of one epoch as the loop feeds an accelerator: clean cubes from the loader, corrupted by
-    ``_step`` (on CUDA) or, on the CPU, by ``corrupt_batch`` on CPU tensors here (the same call, in its place)."""
-    from nnunet_sar.pretraining.corruptions import corrupt_batch
-    tr.train_cubes.transforms = None  # what initialize() sets for an accelerator
-    for batch in tr._loader():
-        if tr.device.type == "cpu":
-            batch = {**batch}
-            batch["image"], batch["target"] = corrupt_batch(batch["image"], tr.transforms)
-        yield batch
+def _device_batches(tr):
+    """(batch, seeds) of one epoch as the loop runs ``--transform-on device``: clean cubes from the loader and
+    the per-cube seeds with which ``_step`` corrupts them on the training device."""
+    loader = tr._loader()
+    keys, bs = list(loader.sampler), tr.batch_size
+    for j, batch in enumerate(loader):
+        yield batch, [tr.train_cubes.transform_seed(k) for k in keys[j * bs:(j + 1) * bs]]
 
 
 def _flat(module) -> torch.Tensor:
@@ -196,10 +193,10 @@ def check_pretrain_steps(rep: Report, device: str, sz: dict, root: str) -> str |
         tr.grad_scaler = torch.amp.GradScaler("cpu")
     before = _flat(tr.sar_network)
     losses, scales, seconds = [], [], []
-    for batch in _accelerator_batches(tr, device):
+    for batch, seeds in _device_batches(tr):
         _sync(device)
         t = time.perf_counter()
-        terms = tr._step(batch, train=True)
+        terms = tr._step(batch, train=True, seeds=seeds)
         _sync(device)
         seconds.append(time.perf_counter() - t)
         losses.append(terms["total"])
@@ -209,17 +206,13 @@ def check_pretrain_steps(rep: Report, device: str, sz: dict, root: str) -> str |
     sane = all(math.isfinite(s) and 1.0 <= s <= 2.0 ** 24 for s in scales)
     fig = dict(steps=len(losses), batch=tr.batch_size, patch=tr.patch_size, total_loss=[round(v, 5) for v in losses],
                grad_scale=scales, max_weight_change=moved, median_step_s=float(np.median(seconds)))
+    rep.check("pretrain_steps.corruptions_on_device_in_step", finite and moved > 0,
+              f"--transform-on device: the corruptions ran inside _step on {device} batches", **fig)
     if cuda:
-        rep.check("pretrain_steps.corruptions_on_device_in_step", finite and moved > 0,
-                  "corrupt_batch ran inside _step on CUDA batches", **fig)
         rep.check("pretrain_steps.amp_autocast_fp16", finite, "losses finite under autocast", total_loss=fig["total_loss"])
         rep.check("pretrain_steps.grad_scaler_cuda", sane and moved > 0,
                   "scale within [1, 2^24], weights moved", grad_scale=scales, scale_range=[min(scales), max(scales)])
     else:
-        rep.needs_cuda("pretrain_steps.corruptions_on_device_in_step", "_step corrupts only when the device is not the "
-                       "CPU; corrupt_batch ran on CPU batches fed to _step in its place (next entry)")
-        rep.check("pretrain_steps.corrupt_batch_into_step_cpu", finite and moved > 0,
-                  "clean loader cubes, corrupt_batch on CPU tensors, _step", **fig)
         rep.needs_cuda("pretrain_steps.amp_autocast_fp16", "_step enables autocast on CUDA only")
         rep.needs_cuda("pretrain_steps.grad_scaler_cuda", "the loop makes its GradScaler on CUDA only")
         rep.check("pretrain_steps.grad_scaler_branch_cpu", sane and moved > 0,
@@ -396,8 +389,10 @@ STAT_PIPELINES = {  # one transform switched on, Models Genesis' rate
 
 def corruption_samples(kind: str, device: str, n: int, cube_shape, seed: int, batch: int = 16) -> list[dict]:
     """n observations of transform ``kind``; ``device`` 'cpu-per-cube' is the Dataset's path (one cube at a
-    time, seeded per cube), any torch device runs ``corrupt_batch`` on a batch of that device (seeded once)."""
-    from nnunet_sar.pretraining.corruptions import corrupt, corrupt_batch, genesis_corruptions
+    time, seeded per cube), any torch device runs ``transform_batch`` (the loop's ``--transform-on device`` path) on
+    a batch of that device, under other seeds."""
+    from nnunet_sar.pretraining.corruptions import corrupt, genesis_corruptions
+    from nnunet_sar.pretraining.cubes import transform_batch
     tr = genesis_corruptions(**STAT_PIPELINES[kind])
     clean = _distinct_cube(cube_shape, seed)
     out = []
@@ -407,11 +402,11 @@ def corruption_samples(kind: str, device: str, n: int, cube_shape, seed: int, ba
                 torch.manual_seed(seed * 100_003 + i)
                 out.append(observe(kind, clean, *corrupt(clean, tr)))
         else:
-            torch.manual_seed(seed)
             cubes = clean[None].expand(batch, *clean.shape).contiguous().to(device)
             while len(out) < n:
-                images, targets = corrupt_batch(cubes, tr)
-                out += [observe(kind, clean, images[b], targets[b]) for b in range(min(batch, n - len(out)))]
+                seeds = [seed * 7_919 + 1_000_003 + len(out) + b for b in range(batch)]
+                done = transform_batch(tr, {"image": cubes, "target": cubes.clone()}, seeds)
+                out += [observe(kind, clean, done["image"][b], done["target"][b]) for b in range(min(batch, n - len(out)))]
     return out
 
 
@@ -425,14 +420,14 @@ def _two_ok(k1: int, k2: int, n: int, sigmas: float = 4.0) -> bool:
 
 
 def corruption_statistics(device: str, n: int, cube_shape, seed: int = 7) -> dict:
-    """Rates, ranges and checks of ``corrupt_batch`` on ``device`` and of the per-cube CPU path."""
+    """Rates, ranges and checks of the device path (``transform_batch``) on ``device`` and of the per-cube CPU path."""
     shape = list(cube_shape)
     box_one = math.prod(1.0 / max(1, int(s * 0.1)) for s in shape)  # a 1-voxel box shuffles nothing
     # a painting that changes nothing: in-painting whose first box (p 0.95) was not drawn
     expected = {"flip": net_flip_rate(0.4), "shuffle": 0.5 * (1 - box_one), "nonlinear": 0.9, "inverted_share": 0.5,
                 "paint": 0.9 * (1 - 0.2 * 0.05), "outpaint_share": 0.8 / (0.8 + 0.2 * 0.95)}
     res = {"samples_per_path": n, "cube": shape, "expected": expected, "paths": {}, "checks": {}}
-    batch_path = f"corrupt_batch on {device}"
+    batch_path = f"transform_batch on {device}"
     for path, where in ((batch_path, device), ("per cube on cpu", "cpu-per-cube")):
         obs = {k: corruption_samples(k, where, n, shape, seed) for k in STAT_PIPELINES}
         painted = [o for o in obs["paint"] if o["applied"]]
@@ -476,7 +471,7 @@ def check_corruption_statistics(rep: Report, device: str, sz: dict):
     t = time.time()
     res = corruption_statistics(device, sz["stat_samples"], sz["stat_cube"])
     failed = [k for k, v in res["checks"].items() if not v]
-    label = "corrupt_batch on CUDA tensors" if device == "cuda" else "corrupt_batch on CPU tensors (the device branch)"
+    label = f"transform_batch (--transform-on device) on {device.upper()} tensors"
     rep.check("corruption_statistics", not failed, f"{label} vs the per-cube CPU path, same seeds, 4-sigma binomial "
               f"bounds" + (f"; failed: {failed}" if failed else ""), seconds=round(time.time() - t, 1), **res)
 
@@ -544,7 +539,6 @@ def loader_rate(tr, workers: int, n_batches: int) -> float:
     """Cubes/s of the loop's loader (clean cubes, as for an accelerator) with ``workers`` processes, after the
     first batch (worker start-up excluded)."""
     tr.s.num_workers, tr.s.iters_per_epoch = workers, n_batches + 1
-    tr.train_cubes.transforms = None
     it = iter(tr._loader())
     next(it)
     t = time.perf_counter()
@@ -555,34 +549,30 @@ def loader_rate(tr, workers: int, n_batches: int) -> float:
 
 
 def clean_batches(tr, batch: int, n: int) -> list:
-    """n batches of clean cubes from the loop's loader, as it feeds an accelerator (corruption happens in the step)."""
+    """n (batch, seeds) of clean cubes from the loop's loader, as --transform-on device feeds the step (which
+    corrupts them)."""
     tr.batch_size, tr.s.num_workers, tr.s.iters_per_epoch = batch, 0, n
-    tr.train_cubes.transforms = None
-    out = list(tr._loader())
+    out = list(_device_batches(tr))
     tr.current_epoch += 1
     return out
 
 
 def step_rate(tr, device: str, batches: list, warmup: int) -> dict:
-    """Seconds per step on pre-loaded clean batches: ``_step`` (on CUDA: corruptions inside it, on the device), on
-    the CPU ``corrupt_batch`` + ``_step`` (the same work); forward, loss, backward, clip, SGD."""
-    from nnunet_sar.pretraining.corruptions import corrupt_batch
+    """Seconds per step on pre-loaded clean batches: ``_step`` with the corruptions inside it, on the device;
+    forward, loss, backward, clip, SGD."""
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for i, b in enumerate(batches):
+    for i, (b, seeds) in enumerate(batches):
         _sync(device)
         t = time.perf_counter()
-        if device == "cpu":
-            b = {**b}
-            b["image"], b["target"] = corrupt_batch(b["image"], tr.transforms)
-        tr._step(b, train=True)
+        tr._step(b, train=True, seeds=seeds)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
     s = float(np.median(times))
-    n = len(batches[0]["image"])
+    n = len(batches[0][0]["image"])
     out = {"step_s": s, "steps_per_s": 1 / s, "cubes_per_s": n / s}
     if device == "cuda":
         out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -590,7 +580,7 @@ def step_rate(tr, device: str, batches: list, warmup: int) -> dict:
 
 
 def throughput(rep: Report, device: str, sz: dict, plan_dataset: str, root: str):
-    from nnunet_sar.benchmark import finetune_overhead
+    from nnunet_sar.commands.benchmark import finetune_overhead
     from nnunet_sar.network import load_plans
     _, cm, _ = load_plans(plan_dataset)
     patches = {"paper cube": list(sz["paper_cube"]), "plan patch": list(cm.patch_size)}
@@ -728,7 +718,7 @@ def main(argv=None) -> int:
     os.environ.update({"nnUNet_compile": "0", "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", "2"),
                        "CUBLAS_WORKSPACE_CONFIG": ":4096:8"})  # deterministic cuBLAS for the resume check
     os.environ.setdefault("nnUNet_n_proc_DA", "0" if args.device == "cpu" else "4")
-    from nnunet_sar.benchmark import machine_info
+    from nnunet_sar.commands.benchmark import machine_info
     machine = machine_info()
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{machine['cpu']} ({machine['nproc']} cores)"
     rep, t0 = Report(args.device), time.time()

@@ -21,12 +21,11 @@ import json
 import os
 import re
 import shutil
-import sys
 from os.path import isdir, isfile, join
 
 import numpy as np
 
-from nnunet_sar import SARError, one_line
+from nnunet_sar import SARError, console_main, nnunet_folder, one_line
 
 BRATS_SEQUENCES = ("t1", "t1ce", "t2", "flair")
 BRATS_CHANNEL_NAMES = ("T1", "T1ce", "T2", "FLAIR")
@@ -35,11 +34,7 @@ BRATS_GRADES = ("HGG", "LGG")
 
 # ------------------------------------------------------------------------------------------ helpers
 def _raw_root() -> str:
-    import nnunetv2.paths
-    root = nnunetv2.paths.nnUNet_raw
-    if not root:
-        raise SARError("nnUNet_raw is not set: export it as for nnU-Net itself")
-    return root
+    return nnunet_folder("nnUNet_raw")
 
 
 def _raw_dataset_folder(dataset_id: int, name: str, overwrite: bool) -> str:
@@ -69,13 +64,9 @@ def _write_dataset_json(folder: str, channel_names, labels: dict, n: int, file_e
                           dataset_name=os.path.basename(folder), description=description)
 
 
-def _run(main_function, argv):
-    """Console-script wrapper: a SARError becomes one line on stderr and exit code 2 (no traceback)."""
-    try:
-        main_function(argv)
-    except SARError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _run(main_function, argv, prog: str):
+    """Console-script wrapper (``console_main``): a SARError becomes one line on stderr, exit code 2."""
+    console_main(prog)(main_function)(argv)
 
 
 def _short_list(items, n=5) -> str:
@@ -178,7 +169,7 @@ def main_convert_brats2018(argv=None):
         a = p.parse_args(argv)
         out = convert_brats2018(a.i, a.d, a.n, a.as_source, a.exclude, a.exclude_from, a.overwrite)
         print(f"wrote {out}")
-    _run(run, argv)
+    _run(run, argv, "nnunet_sar_convert_brats2018")
 
 
 # --------------------------------------------------------------------------- LUNA16, LiTS, MSD Heart
@@ -319,7 +310,7 @@ def main_convert_source(argv=None):
         a = p.parse_args(argv)
         out = convert_source(a.i, a.d, a.n, a.m, a.overwrite, a.subsets)
         print(f"wrote {out}: {len(os.listdir(join(out, 'imagesTr')))} cases")
-    _run(run, argv)
+    _run(run, argv, "nnunet_sar_convert_source")
 
 
 # ------------------------------------------------------------------------------------------- splits
@@ -388,4 +379,4 @@ def main_split(argv=None):
         from nnunet_sar.network import preprocessed_folder
         print(f"wrote {join(preprocessed_folder(a.d), 'splits_final.json')}: {len(test)} test cases; exclude them "
               f"from pre-training with --exclude-from that file")
-    _run(run, argv)
+    _run(run, argv, "nnunet_sar_split")

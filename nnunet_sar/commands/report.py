@@ -28,24 +28,31 @@ import glob
 import json
 import os
 import re
-import sys
 import warnings
 from os.path import basename, isfile, join
 
 import numpy as np
 
-from nnunet_sar import SARError
+from nnunet_sar import SARError, console_main, nnunet_folder
 
 STRATA = ("S", "M", "L")
+SAR_ABLATIONS = ("nnUNetTrainerSAR_SAonly", "nnUNetTrainerSAR_MIALonly")  # Table 2's "+ SA" and "+ MIAL" rows
+
+
+def table2_trainers() -> list:
+    """Every trainer of Table 2: nnU-Net from scratch, one per pre-training objective (``--objective``, found
+    in ``pretraining/objectives``), and SAR's two ablations."""
+    from nnunet_sar.pretraining.objectives import available, objective_class
+    by_objective = [objective_class(n).trainer for n in ("sar", "genesis", "rot", "rpl", "jigsaw", "cpc", "mae")
+                    if n in available()]
+    rest = [objective_class(n).trainer for n in available() if objective_class(n).trainer not in by_objective]
+    return ["nnUNetTrainer", *by_objective, *rest, *SAR_ABLATIONS]
 FRACTION = re.compile(r"^(?P<base>.+)_frac(?P<k>\d+)$")
 
 
 # ------------------------------------------------------------------------------------------ inputs
 def result_folder(dataset_name: str, trainer: str, plans: str, configuration: str) -> str:
-    import nnunetv2.paths
-    if not nnunetv2.paths.nnUNet_results:
-        raise SARError("nnUNet_results is not set: export it as for nnU-Net itself")
-    return join(nnunetv2.paths.nnUNet_results, dataset_name, f"{trainer}__{plans}__{configuration}")
+    return join(nnunet_folder("nnUNet_results"), dataset_name, f"{trainer}__{plans}__{configuration}")
 
 
 def _case_id(reference_file: str) -> str:
@@ -149,8 +156,7 @@ def collect(trainers, dataset=None, plans="nnUNetPlans", configuration="3d_fullr
     if not found:
         raise SARError("no trainers given: use -tr TRAINER ... and/or --summaries TRAINER=FILE ...")
     if dataset_json is None and dataset_name is not None:
-        import nnunetv2.paths
-        for root in (nnunetv2.paths.nnUNet_preprocessed, nnunetv2.paths.nnUNet_raw):
+        for root in (os.environ.get("nnUNet_preprocessed"), os.environ.get("nnUNet_raw")):  # optional here
             if root and isfile(join(root, dataset_name, "dataset.json")):
                 with open(join(root, dataset_name, "dataset.json")) as fh:
                     dataset_json = json.load(fh)
@@ -376,7 +382,9 @@ def run(argv=None) -> dict:
     """The command's work; returns compute()'s numbers (``main`` returns None, as console scripts must)."""
     p = argparse.ArgumentParser(prog="nnunet_sar_report", description=__doc__.split("\n\n")[0])
     p.add_argument("-d", default=None, help="dataset name or id")
-    p.add_argument("-tr", nargs="+", default=[], help="trainers (result folders TRAINER__PLANS__CONF)")
+    p.add_argument("-tr", nargs="+", default=[],
+                   help="trainers (result folders TRAINER__PLANS__CONF); 'table2' stands for every trainer of Table 2: "
+                        + " ".join(table2_trainers()))
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
     p.add_argument("-c", default="3d_fullres", help="configuration")
     p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -391,15 +399,16 @@ def run(argv=None) -> dict:
     p.add_argument("--ttest-on", choices=("folds", "cases"), default="folds")
     p.add_argument("-o", required=True, help="output folder")
     a = p.parse_args(argv)
-    try:
-        found, dj = collect(a.tr, a.d, a.p, a.c, a.folds, a.summaries)
-        result = compute(found, dj, a.strata_thresholds, a.strata_unit, a.tumor_label, not a.no_strata, a.sar, a.ttest_on)
-        fname = write_report(result, found, a.o)
-    except SARError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    a.tr = [t for name in a.tr for t in (table2_trainers() if name == "table2" else [name])]
+    result, fname = console_main("nnunet_sar_report")(_report)(a)
     print(f"wrote {fname}")
     return result
+
+
+def _report(a):
+    found, dj = collect(a.tr, a.d, a.p, a.c, a.folds, a.summaries)
+    result = compute(found, dj, a.strata_thresholds, a.strata_unit, a.tumor_label, not a.no_strata, a.sar, a.ttest_on)
+    return result, write_report(result, found, a.o)
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from os.path import isfile, join
 
-from nnunet_sar.demo import PRETRAINING, _exe  # the demo's pre-training and console-script lookup
+from nnunet_sar.commands.demo import PRETRAINING, _exe  # the demo's pre-training and console-script lookup
 
 # arm: (fine-tuning trainer, pre-training run it starts from or None)
 ARMS = {

@@ -11,7 +11,7 @@ Figures (all single-threaded: OMP_NUM_THREADS=1 and ``torch.set_num_threads(1)``
    with its probabilities) fed by a numpy crop + ``scipy.ndimage.zoom(order=1)`` of the same volumes,
    crop sizes and scale mix. speedup = ours / reference. Target: >= 10x at both sizes.
 2. **Step overhead**: time of one pre-training step (forward, loss, backward, gradient clipping, SGD)
-   of the full SAR objective (U-Net + scale head S + discriminator M, ``SARObjective``) divided by that
+   of the full SAR objective (U-Net + scale head S + discriminator M, ``sar_terms``) divided by that
    of restoration only (variant ``genesis``: the same U-Net weights, no heads) on the same batch of
    64x64x32 cubes. The U-Net is ``build_pretraining_network`` of real nnU-Net plans (a phantom target
    planned by ``nnUNetv2_plan_and_preprocess``). Target: <= 1.15x.
@@ -23,8 +23,8 @@ Figures (all single-threaded: OMP_NUM_THREADS=1 and ``torch.set_num_threads(1)``
    200 memory-mapped source volumes divided by that over 20 (48^3 float16 volumes, 1 + 1 + 2 cubes
    per volume with corruptions). Target: <= 1.2x. The absolute difference is reported too.
 
-With ``-device cuda`` the step timing runs on the GPU and ``corrupt_batch`` (corruptions of a whole
-batch on the GPU) is timed as well. The run ends with one line ``speedup 64x64x32: A.Ax 128^3: B.Bx``.
+With ``-device cuda`` the step timing runs on the GPU and ``transform_batch`` (the corruptions of a batch
+on the GPU, as ``--transform-on device`` runs them) is timed as well. The run ends with one line ``speedup 64x64x32: A.Ax 128^3: B.Bx``.
 """
 from __future__ import annotations
 
@@ -226,18 +226,19 @@ def step_overhead(plans_manager, configuration_manager, patch=(64, 64, 32), batc
                   device="cpu"):
     """Median seconds per step of full SAR and of restoration only, and the median of their ratios."""
     from nnunet_sar.network import build_pretraining_network
-    from nnunet_sar.pretraining.corruptions import corrupt_batch, genesis_corruptions
+    from nnunet_sar.pretraining.corruptions import genesis_corruptions
+    from nnunet_sar.pretraining.cubes import transform_batch
     from nnunet_sar.pretraining.model import SARNetwork
-    from nnunet_sar.pretraining.objective import SARObjective
+    from nnunet_sar.pretraining.objectives.sar import sar_terms
     device = torch.device(device)
     torch.manual_seed(0)
     unet = build_pretraining_network(plans_manager, configuration_manager, num_channels=1, norm="batch")
     nets = {"sar": SARNetwork(copy.deepcopy(unet), 3, 2, True, True).to(device),
             "genesis": SARNetwork(copy.deepcopy(unet), 3, 2, False, False).to(device)}
     opts = {k: torch.optim.SGD(n.parameters(), lr=1e-2, momentum=0.9) for k, n in nets.items()}
-    objective = SARObjective()
-    image, target = corrupt_batch(torch.rand(batch_size, 1, *patch), genesis_corruptions())
-    image, target = image.to(device), target.to(device)
+    clean = torch.rand(batch_size, 1, *patch)
+    done = transform_batch(genesis_corruptions(), {"image": clean, "target": clean.clone()}, range(batch_size))
+    image, target = done["image"].to(device), done["target"].to(device)
     scale = torch.arange(batch_size, device=device) % 3
     modality = torch.arange(batch_size, device=device) % 2
 
@@ -247,7 +248,9 @@ def step_overhead(plans_manager, configuration_manager, patch=(64, 64, 32), batc
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            terms = objective(*net(image), target, scale, modality)
+            restored, scale_logits, modality_logits = net(image)
+            res = torch.nn.functional.mse_loss(torch.sigmoid(restored.float()), target)
+            terms = sar_terms(res, scale_logits, modality_logits, scale, modality, alpha=1.0, beta=10.0)
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
@@ -266,16 +269,18 @@ def step_overhead(plans_manager, configuration_manager, patch=(64, 64, 32), batc
 
 
 def gpu_corruption_throughput(batch_sizes=(16, 4), repeats=5):
-    """cubes/s of ``corrupt_batch`` on CUDA batches of 64x64x32 and 128^3 cubes."""
-    from nnunet_sar.pretraining.corruptions import corrupt_batch, genesis_corruptions
+    """cubes/s of ``transform_batch`` (``--transform-on device``) on CUDA batches of 64x64x32 and 128^3 cubes."""
+    from nnunet_sar.pretraining.corruptions import genesis_corruptions
+    from nnunet_sar.pretraining.cubes import transform_batch
     tr, out = genesis_corruptions(), {}
     for (name, patch), b in zip(SIZES.items(), batch_sizes):
-        batch = torch.rand(b, 1, *patch, device="cuda")
-        corrupt_batch(batch, tr)
+        clean = torch.rand(b, 1, *patch, device="cuda")
+        batch = {"image": clean, "target": clean.clone()}
+        transform_batch(tr, batch, range(b))
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(repeats):
-            corrupt_batch(batch, tr)
+        for r in range(repeats):
+            transform_batch(tr, batch, range(b * (r + 1), b * (r + 2)))
         torch.cuda.synchronize()
         out[name] = repeats * b / (time.perf_counter() - t)
     return out
@@ -387,7 +392,7 @@ _NO_CWD_ON_PATH = ["-P"] if sys.version_info >= (3, 11) else []
 def peak_rss_mb(folder, n, patch=(64, 64, 32), fields=False):
     """Peak resident memory (MiB) of a fresh process making one data pass over n volumes of ``folder``
     (``fields=True``: a dict that also holds RssAnon and RssFile at the end of the pass)."""
-    code = f"from nnunet_sar.benchmark import _memory_child; _memory_child({folder!r}, {int(n)}, {tuple(patch)!r})"
+    code = f"from nnunet_sar.commands.benchmark import _memory_child; _memory_child({folder!r}, {int(n)}, {tuple(patch)!r})"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # cwd: the child must import the installed package, not a source checkout it was started in
     done = subprocess.run([sys.executable, *_NO_CWD_ON_PATH, "-c", code], capture_output=True, text=True, env=env,
@@ -419,7 +424,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="fewer repetitions (< 5 min on 2 CPU cores); measures everything")
     p.add_argument("--json", metavar="FILE", help="write every figure, the settings and the machine to FILE")
     p.add_argument("-device", default="cpu", choices=["cpu", "cuda"],
-                   help="device of the step timings; cuda also times corrupt_batch on the GPU [%(default)s]")
+                   help="device of the step timings; cuda also times transform_batch on the GPU [%(default)s]")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="leave glibc malloc alone (default: corruptions.tune_malloc() in this process)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder, removed)")
@@ -439,16 +444,16 @@ def _row(name, ours, ref, unit, target):
 
 def main(argv=None):
     argv_list = sys.argv[1:] if argv is None else list(argv)
-    if "--gpu-check" in argv_list:  # every accelerator path, with its own options (nnunet_sar.gpu_check)
-        from nnunet_sar.gpu_check import main as gpu_check_main
+    if "--gpu-check" in argv_list:  # every accelerator path, with its own options (nnunet_sar.commands.gpu_check)
+        from nnunet_sar.commands.gpu_check import main as gpu_check_main
         sys.exit(gpu_check_main([a for a in argv_list if a != "--gpu-check"]))
     if "--transfer" in argv_list:  # a benchmark of its own, with its own options
-        from nnunet_sar.transfer_benchmark import main as transfer_main
+        from nnunet_sar.commands.transfer_benchmark import main as transfer_main
         return transfer_main([a for a in argv_list if a != "--transfer"])
     args = build_parser().parse_args(argv)
     if argv is None and os.environ.get("OMP_NUM_THREADS") != "1":  # single-thread numpy, scipy and torch
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        os.execve(sys.executable, [sys.executable, *_NO_CWD_ON_PATH, "-m", "nnunet_sar.benchmark", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *_NO_CWD_ON_PATH, "-m", "nnunet_sar.commands.benchmark", *sys.argv[1:]], env)
     torch.set_num_threads(1)
     tuned = False if args.no_tune_malloc else __import__("nnunet_sar.pretraining.corruptions",
                                                          fromlist=["tune_malloc"]).tune_malloc()
@@ -485,7 +490,7 @@ def main(argv=None):
         print("    pre-training step overhead ...", flush=True)
         res["step"] = step_overhead(pm, cm, steps=3 if args.quick else 10, device=args.device)
         if args.device == "cuda":
-            res["gpu_corrupt_batch_cubes_per_s"] = gpu_corruption_throughput()
+            res["gpu_transform_batch_cubes_per_s"] = gpu_corruption_throughput()
         print("4/4 fine-tuning overhead ...", flush=True)
         res["finetune"] = finetune_overhead(dataset, root, iterations=3 if args.quick else 10, device=args.device)
     finally:
@@ -513,8 +518,8 @@ def main(argv=None):
                f"ratio {mem['ratio']:.3f} (<= {TARGETS['memory_ratio']})"))
     print(_row("  of which file-backed at the end", f"{mem['end_of_pass_200_mb']['RssFile']:.0f}",
                f"{mem['end_of_pass_20_mb']['RssFile']:.0f}", "MiB", "memory-mapped volume pages (reclaimable)"))
-    for name, v in res.get("gpu_corrupt_batch_cubes_per_s", {}).items():
-        print(_row(f"corrupt_batch on GPU {name}", f"{v:.0f}", "-", "cubes/s", ""))
+    for name, v in res.get("gpu_transform_batch_cubes_per_s", {}).items():
+        print(_row(f"transform_batch on GPU {name}", f"{v:.0f}", "-", "cubes/s", ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
