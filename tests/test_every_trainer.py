@@ -56,6 +56,8 @@ def trained(tiny_plans, variant_checkpoints, nnunet_folders):
     for name in VARIANT_OF:
         trainer = get_trainer_from_args(TARGET, "3d_fullres", 0, name, tiny_plans, device=torch.device("cpu"))
         trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, 2, 1
+        if getattr(trainer, "warmup", None) == "sawtooth":  # both iterations in the decoder-only phase (W = 2)
+            trainer.warmup_fraction = 1.0
         trainer.initialize()
         start = {k: v.clone() for k, v in trainer.network.state_dict().items()}
         trainer.run_training()
