@@ -13,8 +13,7 @@ from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sar import SARError
-from nnunet_sar.checkpoint import (adapt_input_channels, find_pretrained_checkpoint,  # noqa: F401 (re-exported)
-                                   first_conv_keys, load_pretrained_into)
+from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_pretrained_into
 
 
 class SARInitialisation:

@@ -370,14 +370,18 @@ class SARPretrainer:
         for group in self.optimizer.param_groups:
             torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
 
-    def train_epoch(self) -> dict:
-        self.network.train()
+    def batches(self):
+        """This epoch's (batch, seeds): ``seeds`` are the per-cube transform seeds ``_step`` uses under
+        ``--transform-on device`` (the loader then hands clean cubes), else None (transformed in the loader)."""
         loader = self._loader()
         keys, bs = list(loader.sampler), self.batch_size
         on_device = self.s.transform_on == "device" and self.transforms is not None
-        results = [self._step(batch, train=True, seeds=[self.train_cubes.transform_seed(k) for k in
-                                                         keys[j * bs:(j + 1) * bs]] if on_device else None)
-                   for j, batch in enumerate(loader)]
+        for j, batch in enumerate(loader):
+            yield batch, [self.train_cubes.transform_seed(k) for k in keys[j * bs:(j + 1) * bs]] if on_device else None
+
+    def train_epoch(self) -> dict:
+        self.network.train()
+        results = [self._step(batch, train=True, seeds=seeds) for batch, seeds in self.batches()]
         means = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
         if self.is_ddp:  # the mean over all ranks, for the log
             t = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=self.device)

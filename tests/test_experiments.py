@@ -167,7 +167,7 @@ def test_paper_plateau_never_reads_the_scored_cases(planned_target, tmp_path):
 
 # ------------------------------------------------------------------------------ multi-channel targets
 def test_single_channel_checkpoint_adapts_to_four_channels(planned_target):
-    from nnunet_sar.finetuning import adapt_input_channels
+    from nnunet_sar.checkpoint import adapt_input_channels
     from nnunet_sar.network import build_network, build_pretraining_network, load_plans, nnunet_weights
     pm, cm, _ = load_plans(TARGET)
     torch.manual_seed(0)
@@ -376,7 +376,7 @@ def _fake_results(results_root, dataset="Dataset871_Fake"):
 
 def test_report_numbers_equal_a_computation_by_hand(tmp_path, nnunet_folders, monkeypatch):
     from scipy import stats
-    from nnunet_sar.commands.report import main, run
+    from nnunet_sar.commands.report import run
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     _fake_results(str(tmp_path / "results"))
     out = tmp_path / "report"
@@ -422,7 +422,7 @@ def test_report_numbers_equal_a_computation_by_hand(tmp_path, nnunet_folders, mo
 
 
 def test_report_without_results_says_what_to_run(tmp_path, monkeypatch, capsys):
-    from nnunet_sar.commands.report import main, run
+    from nnunet_sar.commands.report import main
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     (tmp_path / "results" / "Dataset872_Empty").mkdir(parents=True)
     with pytest.raises(SystemExit):

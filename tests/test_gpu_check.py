@@ -3,14 +3,12 @@ it, ``skipped (needs CUDA)`` where it cannot, the figures consistent), and the d
 (``transform_batch``, what ``SARPretrainer._step`` runs under ``--transform-on device``) on CPU tensors."""
 import json
 import math
-import os
 
 import pytest
 import torch
 from conftest import exe, run
 
 from nnunet_sar.commands import gpu_check
-from nnunet_sar.pretraining.corruptions import corrupt, genesis_corruptions
 
 CPU_PASS = ["demo", "pretrain_steps.corruptions_on_device_in_step", "pretrain_steps.grad_scaler_branch_cpu",
             "checkpoint_cpu_only", "resume_bit_identical", "corruption_statistics", "ddp_torchrun_1proc_gloo",

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
 import math
@@ -147,15 +146,6 @@ def _trainer(settings, quiet=True, **init):
     return tr
 
 
-def _device_batches(tr):
-    """(batch, seeds) of one epoch as the loop runs ``--transform-on device``: clean cubes from the loader and
-    the per-cube seeds with which ``_step`` corrupts them on the training device."""
-    loader = tr._loader()
-    keys, bs = list(loader.sampler), tr.batch_size
-    for j, batch in enumerate(loader):
-        yield batch, [tr.train_cubes.transform_seed(k) for k in keys[j * bs:(j + 1) * bs]]
-
-
 def _flat(module) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten().cpu() for p in module.parameters()])
 
@@ -193,7 +183,7 @@ def check_pretrain_steps(rep: Report, device: str, sz: dict, root: str) -> str |
         tr.grad_scaler = torch.amp.GradScaler("cpu")
     before = _flat(tr.sar_network)
     losses, scales, seconds = [], [], []
-    for batch, seeds in _device_batches(tr):
+    for batch, seeds in tr.batches():  # --transform-on device: clean cubes, seeds for _step
         _sync(device)
         t = time.perf_counter()
         terms = tr._step(batch, train=True, seeds=seeds)
@@ -552,7 +542,7 @@ def clean_batches(tr, batch: int, n: int) -> list:
     """n (batch, seeds) of clean cubes from the loop's loader, as --transform-on device feeds the step (which
     corrupts them)."""
     tr.batch_size, tr.s.num_workers, tr.s.iters_per_epoch = batch, 0, n
-    out = list(_device_batches(tr))
+    out = list(tr.batches())
     tr.current_epoch += 1
     return out
 

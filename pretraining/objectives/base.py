@@ -18,6 +18,7 @@ declares
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 
-class Objective:
+class Objective(abc.ABC):
     name: str = ""
     description: str = ""
     transfers: str = "all"        # "all": encoder and decoder; "encoder": the encoder only
@@ -79,14 +80,16 @@ class Objective:
     def transforms(self):
         return None
 
+    @abc.abstractmethod
     def build_network(self, unet: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        """A module holding ``unet`` as ``.unet`` and the objective's heads as its other children."""
 
     def head_lr(self, name: str) -> float:
         return self.options.lr_head
 
+    @abc.abstractmethod
     def terms(self, network: nn.Module, batch: dict) -> dict:
-        raise NotImplementedError
+        """The loss terms of one batch: ``total``, ``scheduled`` and any others (logged and plotted)."""
 
     def restoration(self, output: torch.Tensor) -> torch.Tensor:
         """The restored cube from the U-Net's output: a sigmoid in the [0, 1] window (Models Genesis); linear

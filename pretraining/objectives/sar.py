@@ -16,7 +16,6 @@ objectives became plug-ins.
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from nnunet_sar.pretraining.objectives.base import Objective
