@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     setting("norm", choices=["batch", "instance"], text="normalisation while pre-training: the plans' own (instance norm, what nnU-Net fine-tunes) or batch "
                         "(the paper's U-Net, 3.3; does not transfer to nnU-Net's instance norm, see the transfer "
                         "check) [%(default)s]")
+    setting("restoration_target", choices=["standardised", "absolute"],
+            text="what the U-Net's output restores: 'standardised', the clean cube standardised by its own mean and "
+                 "standard deviation (what an instance-normalised network can know; errors reported in the window's "
+                 "units); 'absolute', the clean cube itself through Models Genesis' sigmoid (linear with --intensity "
+                 "nnunet) [%(default)s]")
     setting("intensity", choices=["unit", "nnunet"],
             text="cube intensities: 'unit', each source's window scaled to [0, 1] (Models Genesis); 'nnunet', "
                  "transformed in that window, then normalised as nnU-Net normalises the target (CT with the "

@@ -88,6 +88,7 @@ class PretrainSettings:
     num_workers: int = 0
     cache_dir: str | None = None
     norm: str = "instance"              # the plans' own norm, so nnU-Net fine-tunes the function pre-trained here
+    restoration_target: str = "standardised"  # the clean cube standardised by its own mean and std (objectives.base)
     intensity: str = "unit"             # "nnunet": cubes normalised as nnU-Net normalises the target (intensity.py)
     seed: int = 12345
     device: str = "cuda"
@@ -511,12 +512,13 @@ class SARPretrainer:
         encoder = encoder_keys(self.sar_network.unet)
         return sorted(k for k in weights if k in encoder)
 
-    RESUME_MUST_MATCH = ("objective", "variant", "objective_options", "norm", "modalities", "adversarial",
-                         "scale_loss", "patch_size", "batch_size")
+    RESUME_MUST_MATCH = ("objective", "variant", "objective_options", "norm", "restoration_target", "intensity",
+                         "modalities", "adversarial", "scale_loss", "patch_size", "batch_size")
 
     def load_checkpoint(self, fname: str):
         ckpt = load_checkpoint_file(fname)
         saved, now = ckpt.get("settings") or {}, self.settings_dict()
+        saved = {"restoration_target": "absolute", **saved} if saved else saved  # runs from before the option
         differ = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in self.RESUME_MUST_MATCH
                   if k in saved and saved[k] != now[k]]
         if differ:

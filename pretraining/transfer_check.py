@@ -44,7 +44,11 @@ def verdict(r: dict) -> str:
                 + (" (norm 'batch'; try --norm instance)" if r["norm"] == "batch" else ""))
     if b > TOLERANCE * a:
         return f"WARNING: the fine-tuning network is {b / a:.2f}x worse than the pre-training network (> {TOLERANCE})"
-    return f"ok: fine-tuning network within {TOLERANCE}x of the pre-training network and below the corrupted input"
+    if b >= d:
+        return (f"ok: fine-tuning network within {TOLERANCE}x of the pre-training network and below the corrupted "
+                f"input, but not below each cube's mean ({b:.4g} >= {d:.4g}): pre-training has learned little yet")
+    return (f"ok: fine-tuning network within {TOLERANCE}x of the pre-training network and below the corrupted input "
+            f"and each cube's mean")
 
 
 def _norm_name(net: torch.nn.Module) -> str:
@@ -53,8 +57,10 @@ def _norm_name(net: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def _restore(net: torch.nn.Module, images: torch.Tensor, batch_size: int, device, activation) -> torch.Tensor:
-    out = [activation(net(images[i:i + batch_size].to(device))).cpu() for i in range(0, len(images), batch_size)]
+def _restore(net: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int, device,
+             restoration) -> torch.Tensor:
+    out = [restoration(net(images[i:i + batch_size].to(device)).cpu(), target[i:i + batch_size])
+           for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
@@ -64,7 +70,8 @@ def objective_of(settings: dict):
     from nnunet_sar.pretraining.objectives import objective_class
     import dataclasses
     known = {f.name for f in dataclasses.fields(PretrainSettings)}
-    ps = PretrainSettings(**{k: v for k, v in settings.items() if k in known})
+    ps = PretrainSettings(**{"restoration_target": "absolute",  # runs from before the option: a sigmoid output
+                             **{k: v for k, v in settings.items() if k in known}})
     ps.objective = settings.get("objective", "sar")
     obj = objective_class(ps.objective)(ps, settings["patch_size"], None)
     with warnings.catch_warnings():
@@ -93,8 +100,8 @@ def check_transfer(checkpoint_file: str, val_batch: dict, batch_size: int, devic
     fine.load_state_dict(weights)  # strict: the fine-tuning network has exactly these keys
     fine.to(device).eval()
     images, target = val_batch["image"].float(), val_batch["target"].float()
-    restored_pre = _restore(pre, images, batch_size, device, objective.restoration)
-    restored_fine = _restore(fine, images, batch_size, device, objective.restoration)
+    restored_pre = _restore(pre, images, target, batch_size, device, objective.restoration)
+    restored_fine = _restore(fine, images, target, batch_size, device, objective.restoration)
     mean = target.flatten(1).mean(1).view(-1, *[1] * (target.ndim - 1)).expand_as(target)
     mse = lambda x: float(objective.restoration_error(x, target, val_batch.get("intensity"),  # noqa: E731
                                                       val_batch.get("loss_mask")))  # mae: its masked voxels

@@ -39,21 +39,33 @@ def _trainer(tiny_plans, objective="sar", sources=SOURCE_IDS, **kw):
 # --------------------------------------------------------------------------- arithmetic and defaults
 def test_sar_objective_arithmetic_on_hand_made_inputs():
     """total = beta * L_res + alpha * L_scale + L_adv; the plateau follows beta * L_res + alpha * L_scale; L_res
-    through a sigmoid in [0, 1] (unit), linear and in the window's units (scale^2) under --intensity nnunet."""
+    through a sigmoid in [0, 1] (absolute, unit), linear and in the window's units (scale^2) under --intensity
+    nnunet; the default standardised output read back with each clean cube's mean and std."""
     from nnunet_sar.pretraining.loop import PretrainSettings
     from nnunet_sar.pretraining.objectives.sar import SAR, sar_terms
-    unit = SAR(PretrainSettings(dataset="", sources=[]), [2, 2, 2], None)
+    unit = SAR(PretrainSettings(dataset="", sources=[], restoration_target="absolute"), [2, 2, 2], None)
     restored = torch.zeros(2, 1, 2, 2, 2)            # sigmoid(0) = 0.5 everywhere
     target = torch.ones(2, 1, 2, 2, 2)               # L_res = (1 - 0.5)^2 = 0.25
-    res = unit.restoration_error(unit.restoration(restored), target)
+    res = unit.restoration_error(unit.restoration(restored, target), target)
     assert float(res) == pytest.approx(0.25)
-    nnunet = SAR(PretrainSettings(dataset="", sources=[], intensity="nnunet"), [2, 2, 2], None)
+    nnunet = SAR(PretrainSettings(dataset="", sources=[], intensity="nnunet", restoration_target="absolute"),
+                 [2, 2, 2], None)
     maps = torch.tensor([[0, 1, 0, 2.0, 0], [0, 1, 0, 0.5, 0]])  # scales 2 and 0.5: errors x 4 and x 0.25
-    linear = nnunet.restoration_error(nnunet.restoration(restored), target, maps)  # (1 - 0)^2 per voxel
+    linear = nnunet.restoration_error(nnunet.restoration(restored, target), target, maps)  # (1 - 0)^2 per voxel
     assert float(linear) == pytest.approx((4 + 0.25) / 2)
     mask = torch.zeros_like(target)
     mask[0, 0, 0] = 1  # 4 voxels of the first cube
     assert float(nnunet.restoration_error(restored, target, maps, mask)) == pytest.approx(4.0)
+    # standardised (the default): output 0 is each clean cube's mean; the standardised cube restores it exactly;
+    # an error of 1 standard deviation everywhere costs the cube's variance (window units, unbiased std)
+    std = SAR(PretrainSettings(dataset="", sources=[]), [2, 2, 2], None)
+    assert std.s.restoration_target == "standardised"
+    clean = torch.tensor([0., 0., 0., 0., 1., 1., 1., 1.]).view(1, 1, 2, 2, 2) * torch.tensor([1., 3.]).view(2, 1, 1, 1, 1)
+    mean, sd = clean.flatten(1).mean(1).view(2, 1, 1, 1, 1), clean.flatten(1).std(1).view(2, 1, 1, 1, 1)
+    assert torch.allclose(std.restoration(torch.zeros_like(clean), clean), mean.expand_as(clean))
+    assert torch.allclose(std.restoration((clean - mean) / sd, clean), clean, atol=1e-6)
+    off = std.restoration_error(std.restoration((clean - mean) / sd + 1, clean), clean)
+    assert float(off) == pytest.approx(float((sd ** 2).mean()), rel=1e-5)
     scale_logits = torch.tensor([[0., 0., 0.], [0., 0., 0.]])  # uniform over 3: L_scale = ln 3
     modality_logits = torch.tensor([[0., 0.], [0., 0.]])       # uniform over 2: L_adv = ln 2
     t = sar_terms(res, scale_logits, modality_logits, torch.tensor([0, 2]), torch.tensor([1, 0]), alpha=2.0, beta=10.0)

@@ -35,12 +35,15 @@ def _pretrain(tiny_plans, **kw):
 @pytest.mark.slow  # pre-training runs until the transfer check has something to measure
 def test_transfer_check_fine_tuning_network_does_what_pretraining_learned(tiny_plans, results):
     """Default settings: nnU-Net's network (instance norm, built by nnU-Net) restores the held-out cubes as
-    the pre-training network does, and better than returning the corrupted input."""
+    the pre-training network does, and better than returning the corrupted input and than each clean cube's
+    mean, an oracle constant (measured in this seeded run: 0.0316 against 0.0332; Models Genesis' absolute output
+    stays above the mean on these cubes, README "What transfers")."""
     t, r = _pretrain(tiny_plans)
     print(r)
     assert r["norm"] == "instance" and r["finetuning_norm_op"] == "InstanceNorm3d"
     assert r["finetuning_network"] <= 1.1 * r["pretraining_network"], r
     assert r["finetuning_network"] < r["corrupted_input"], r
+    assert r["finetuning_network"] < r["cube_mean"], r
     assert r["verdict"].startswith("ok")
     assert isfile(join(t.output_folder, "transfer_check.png"))
     with open(t.log_file) as f:
@@ -49,9 +52,11 @@ def test_transfer_check_fine_tuning_network_does_what_pretraining_learned(tiny_p
 
 @pytest.mark.slow  # pre-training runs until the transfer check has something to measure
 def test_transfer_check_catches_the_batch_norm_gap(tiny_plans, results):
-    """Pre-trained with batch norm (the former default), the same weights in nnU-Net's instance-norm network
-    restore far worse: the check measures the function, not the keys, and says so."""
-    _, r = _pretrain(tiny_plans, norm="batch")
+    """Pre-trained with batch norm and Models Genesis' absolute output (the former default), the same weights in
+    nnU-Net's instance-norm network restore far worse: the check measures the function, not the keys, and says
+    so. (With the standardised output the gap was smaller in this run, 1.11x: the output no longer carries
+    the intensity level that batch norm keeps and instance norm removes.)"""
+    _, r = _pretrain(tiny_plans, norm="batch", restoration_target="absolute")
     print(r)
     assert r["pretraining_norm_op"] == "BatchNorm3d" and r["finetuning_norm_op"] == "InstanceNorm3d"
     assert r["finetuning_network"] > 1.1 * r["pretraining_network"], r  # the tolerance the check applies

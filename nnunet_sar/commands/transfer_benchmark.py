@@ -39,6 +39,7 @@ ARMS = {
     "sar_lr0.1": ("nnUNetTrainerSAR_demo", "sar_lr0.1"),  # the demo's U-Net lr before it became 0.01
     "sar_momentum0.99": ("nnUNetTrainerSAR_demo", "sar_momentum0.99"),
     "sar_nnunetIntensity": ("nnUNetTrainerSAR_demo", "sar_nnunet"),
+    "sar_absolute": ("nnUNetTrainerSAR_demo", "sar_absolute"),  # Models Genesis' absolute restoration target
     "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),  # control: warm-up and a fresh encoder, nothing pre-trained
 }
 # pre-training run: (variant, options after the demo's own); the last option of a kind wins
@@ -46,6 +47,7 @@ PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("
                 "genesis_instance": ("genesis", ["--norm", "instance"]),
                 "sar_lr0.1": ("sar", ["--lr-unet", "0.1"]), "sar_momentum0.99": ("sar", ["--momentum", "0.99"]),
                 "sar_nnunet": ("sar", ["--intensity", "nnunet"]),
+                "sar_absolute": ("sar", ["--restoration-target", "absolute"]),
                 "sar_lr0": ("sar", ["--lr-unet", "0"])}  # control: the U-Net as initialised, nothing learned
 TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
     "demo": (901, 10, 4, 1.0, 0.0, 1),

@@ -84,7 +84,7 @@ class MAE(Objective):
         return Restorer(unet)
 
     def terms(self, network, batch: dict) -> dict:
-        res = self.restoration_error(self.restoration(network(batch["image"])), batch["target"],
+        res = self.restoration_error(self.restoration(network(batch["image"]), batch["target"]), batch["target"],
                                      batch.get("intensity"), mask=batch["loss_mask"])
         return {"res": res, "total": res, "scheduled": res.detach()}
 

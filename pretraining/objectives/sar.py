@@ -2,10 +2,12 @@
 
     min_{E,D,S} max_M   L_adv + alpha * L_scale + beta * L_res      (alpha = 1, beta = 10)
 
-- L_res (Eq. 1): MSE between sigmoid(D(E(x_hat))) and the clean cube x (as Models Genesis), x_hat = the
-  cube with Models Genesis' corruptions (``corruptions.py``); with ``--intensity nnunet`` the output is
-  linear and the error is measured in the [0, 1] window's units (``Objective.restoration_error``), so that
-  beta = 10 keeps the paper's balance.
+- L_res (Eq. 1): MSE between the restoration D(E(x_hat)) and the clean cube x, x_hat = the cube with Models
+  Genesis' corruptions (``corruptions.py``). By default (``--restoration-target standardised``) the output
+  restores x standardised by its own mean and std and is read back with them (``Objective.restoration``: the
+  plans' instance norm hides each cube's level and contrast from the U-Net); ``absolute`` is Models Genesis'
+  sigmoid of the output against x. Errors are measured in the [0, 1] window's units whatever the intensity
+  scheme (``Objective.restoration_error``), so that beta = 10 keeps the paper's balance.
 - L_scale (Eq. 2): cross-entropy of S(E(x_hat)) against the crop-scale label.
 - L_adv (Eq. 3): cross-entropy of M's modality prediction. M minimises it; the encoder maximises it
   through the gradient reversal in ``SARNetwork`` (see ``nnunet_sar.heads``).
@@ -132,7 +134,7 @@ class SAR(Objective):
 
     def terms(self, network, batch: dict) -> dict:
         restored, scale_logits, modality_logits = network(batch["image"], self.s.adv_weight)
-        res = self.restoration_error(self.restoration(restored), batch["target"], batch.get("intensity"))
+        res = self.restoration_error(self.restoration(restored, batch["target"]), batch["target"], batch.get("intensity"))
         return sar_terms(res, scale_logits, modality_logits, batch["scale"], batch["modality"], self.alpha, self.beta)
 
     def record(self) -> dict:
