@@ -125,9 +125,22 @@ def transfer_check_summary(checkpoint_file: str) -> str | None:
             f"input {r['corrupted_input']:.4g}, cube mean {r['cube_mean']:.4g}: {r['verdict']}")
 
 
+def seed_everything(seed: int) -> None:
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class DemoSchedule:
     """A few short epochs, for nnunet_sar_demo and the tests on a CPU. (nnU-Net records the arguments
-    of ``__init__`` by signature, so it must be spelled out.)"""
+    of ``__init__`` by signature, so it must be spelled out.)
+
+    ``nnUNet_SAR_seed=N`` seeds the run (nnU-Net seeds nothing): the same network initialisation before it is
+    built, and the same batches and augmentations from the first iteration, whatever the trainer. Arms that
+    share a seed then differ only in what they change (the pre-trained encoder, the warm-up), which makes
+    the transfer benchmark's comparisons paired (with ``nnUNet_n_proc_DA=0`` on the CPU, runs repeat exactly)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -135,6 +148,20 @@ class DemoSchedule:
         self.num_epochs = 3
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 3
+
+    def _seed(self):
+        import os
+        if os.environ.get("nnUNet_SAR_seed"):
+            seed_everything(int(os.environ["nnUNet_SAR_seed"]))
+
+    def initialize(self):
+        if not self.was_initialized:
+            self._seed()  # the same initialisation in every arm (the pre-trained weights are loaded over it)
+        super().initialize()
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._seed()  # the same batches and augmentations in every arm
 
 
 class nnUNetTrainerSAR(SARInitialisation, LearningRateWarmup, nnUNetTrainer):

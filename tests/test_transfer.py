@@ -109,6 +109,22 @@ def test_warmup_schedules(planned_target, tiny_plans):
     assert tr.warmup_iterations == 12500
 
 
+@pytest.mark.slow  # three short nnU-Net trainings
+def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results, monkeypatch):
+    """nnUNet_SAR_seed (the transfer benchmark's pairing): two runs of a demo-schedule trainer with one seed
+    end with the same weights; another seed gives other weights."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    finals = []
+    for seed in ("7", "7", "8"):
+        monkeypatch.setenv("nnUNet_SAR_seed", seed)
+        tr = get_trainer_from_args(TARGET, "3d_fullres", 0, "nnUNetTrainer_demo", tiny_plans, device=torch.device("cpu"))
+        tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 1, 2, 1
+        tr.run_training()
+        finals.append({k: v.clone() for k, v in tr.network.state_dict().items()})
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert not all(torch.equal(finals[0][k], finals[2][k]) for k in finals[0])
+
+
 @pytest.mark.slow
 def test_pretrained_start_learns_a_faint_tumour_as_scratch_does(planned_target, nnunet_folders, tmp_path):
     """A faint, textured phantom tumour (40 % of the usual contrast; the transfer benchmark's 'faint'

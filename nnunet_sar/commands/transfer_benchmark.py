@@ -8,7 +8,9 @@ Phantom targets (evidence about the pipeline, not about real tumours):
 - ``bright``: the same few-label set-up with the demo's full contrast and the same texture.
 Each repeat pre-trains with the demo's settings (3 x 10 steps of 8 cubes of 32^3, otherwise
 ``nnunet_sar_pretrain``'s defaults; sources: the demo's CT and MRI phantoms) once per pre-training arm, then fine-tunes every arm with the demo's schedule
-(3 epochs x 10 iterations, fold 0) through ``nnUNetv2_train`` (``nnUNet_SAR_checkpoint`` hands the one
+(3 epochs x 10 iterations, fold 0; ``nnUNet_SAR_seed`` = 2000 + repeat for every arm, so that the arms of a
+repeat share their initialisation, batches and augmentations and differ only in the arm: paired differences)
+through ``nnUNetv2_train`` (``nnUNet_SAR_checkpoint`` hands the one
 checkpoint to every target: their plans build the same network), predicts the test cases with nnU-Net's
 predictor and scores Dice. Reported: test Dice mean +- sd over repeats, and nnU-Net's pseudo Dice after
 the first epoch (10 iterations), where a stalled start shows.
@@ -104,14 +106,19 @@ def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str)
     return join(keep, "checkpoint_final.pth")
 
 
-def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: dict, log_file: str) -> dict:
-    """nnUNetv2_train fold 0, then Dice of nnU-Net's predictions on the target's test cases."""
+def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: dict, log_file: str,
+                       seed: int | None = None) -> dict:
+    """nnUNetv2_train fold 0 (seeded with ``nnUNet_SAR_seed``: every arm of a repeat gets the same initialisation,
+    batches and augmentations), then Dice of nnU-Net's predictions on the target's test cases."""
     import numpy as np
     import SimpleITK as sitk
     import torch
     tid = target.split("_")[0][len("Dataset"):]
     run_env = {**env, "nnUNet_n_proc_DA": "0"}
     run_env.pop("nnUNet_SAR_checkpoint", None)
+    run_env.pop("nnUNet_SAR_seed", None)
+    if seed is not None:
+        run_env["nnUNet_SAR_seed"] = str(seed)
     if checkpoint:
         run_env["nnUNet_SAR_checkpoint"] = checkpoint
     _run([_exe("nnUNetv2_train"), tid, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], run_env, log_file)
@@ -130,7 +137,7 @@ def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: d
         gt = sitk.GetArrayFromImage(sitk.ReadImage(join(raw, "labelsTs", f))) > 0
         pr = sitk.GetArrayFromImage(sitk.ReadImage(join(pred, f))) > 0
         dice.append(2 * float((gt & pr).sum()) / max(1.0, float(gt.sum() + pr.sum())))
-    return {"test_dice": float(np.mean(dice)), "test_dice_per_case": dice,
+    return {"test_dice": float(np.mean(dice)), "test_dice_per_case": dice, "finetune_seed": seed,
             "pseudo_dice_per_epoch": [float(d) for d in log["mean_fg_dice"]],
             "train_loss_per_epoch": [float(x) for x in log["train_losses"]]}
 
@@ -193,7 +200,7 @@ def main(argv=None):
                 if len(done) > r:
                     continue
                 trainer, key = ARMS[arm]
-                res = finetune_and_score(names[t], trainer, ckpts.get(key), env, log_file)
+                res = finetune_and_score(names[t], trainer, ckpts.get(key), env, log_file, seed=2000 + r)
                 done.append(res)
                 print(f"[{time.time() - t0:6.0f} s] repeat {r + 1}/{args.repeats} {t:6s} {arm:24s} test Dice "
                       f"{res['test_dice']:.3f}  pseudo Dice per epoch "
