@@ -105,7 +105,9 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
     0.50. Since pre-training keeps the plans' instance norm (the transfer issue), M reads the encoder's
     features before their norm and the probe is weaker: measured 0.63 against 0.51 (gap 0.118; batch norm
     gave 0.70 against 0.50), so the gap asserted is 0.10, not 0.12: instance norm removes each cube's
-    intensity level, the plainest modality cue, after the first stage."""
+    intensity level, the plainest modality cue, after the first stage. The runs keep Models Genesis'
+    absolute restoration target on which these margins were measured: with the standardised target (the
+    default since) the probe reached only 0.56 against 0.51 in this test's run (README, "What transfers")."""
     import subprocess
     from conftest import exe
     from nnunet_sar.phantoms import write_phantom_dataset
@@ -123,6 +125,7 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
              "--adv-weight", w, "--epochs", "16", "--iters-per-epoch", "40", "--batch-size", "16", "--patch-size", "16",
              "16", "16", "--val-fraction", "0.25", "--val-cubes-per-volume", "8", "8", "16", "--lr-unet", "0.1",
              "--lr-disc", "0.1", "--corruption", "flip_p=0", "shuffle_p=0", "nonlinear_p=0", "paint_p=0",
+             "--restoration-target", "absolute",
              "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     accuracy = {}
     for w, p in runs.items():
