@@ -107,7 +107,9 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
     gave 0.70 against 0.50), so the gap asserted is 0.10, not 0.12: instance norm removes each cube's
     intensity level, the plainest modality cue, after the first stage. The runs keep Models Genesis'
     absolute restoration target on which these margins were measured: with the standardised target (the
-    default since) the probe reached only 0.56 against 0.51 in this test's run (README, "What transfers")."""
+    default since) the probe reached only 0.56 against 0.51 in this test's run, and 0.58 and 0.52 with
+    seeds 1 and 2 (absolute: 0.63 and 0.53, so the margin asserted holds for this test's seed, 12345, not
+    for every seed; README, "What transfers")."""
     import subprocess
     from conftest import exe
     from nnunet_sar.phantoms import write_phantom_dataset
