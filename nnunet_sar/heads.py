@@ -6,9 +6,13 @@
   blurred, enlarged 1/8 crop from a sharp 1/2 crop.
 - Both heads read the encoder's features *before* their norm (``model.PreNormFeatures``): instance norm
   standardises every channel of every cube, erasing the statistics that global pooling reads.
-- ``ModalityDiscriminator`` M, MIAL (paper 2.3): 3 conv layers + global average pooling + 2 fully
-  connected layers. Dense taps: the features of the last three encoder stages enter M at the layer
-  of matching resolution (concatenated with M's own features), not only the bottleneck.
+- ``ModalityDiscriminator`` M, MIAL (paper 2.3): conv layers + global average pooling + 2 fully
+  connected layers. Dense taps: the features of every encoder stage enter M at the layer of matching
+  resolution (concatenated with M's own features), not only the bottleneck; one conv layer per stage
+  (the paper's 3 for its U-Net). The first stage matters most: with the plans' instance norm, only its
+  features before the norm still carry each cube's intensities, the plainest modality cue (M as a probe,
+  3 seeds, the learning test's run: 0.65 / 0.61 / 0.61 held-out accuracy with every stage tapped against
+  0.56 / 0.58 / 0.52 with the last three).
 - ``GradientReversal``: how the min-max game of Eq. 3 is played. M minimises the cross-entropy of
   the modality (= maximises the log-likelihood of Eq. 3); the encoder receives the negated gradient,
   so it maximises that same cross-entropy. One forward/backward pass updates both players
@@ -64,10 +68,11 @@ class ModalityDiscriminator(nn.Module):
     cubes of one batch apart, whatever norm the U-Net uses.
     """
 
-    def __init__(self, encoder, num_modalities: int = 2, num_taps: int = 3, width: int = 64, hidden: int = 256):
+    def __init__(self, encoder, num_modalities: int = 2, num_taps: int | None = None, width: int = 64,
+                 hidden: int = 256):
         super().__init__()
         n = len(encoder.output_channels)
-        self.taps = list(range(max(0, n - num_taps), n))
+        self.taps = list(range(max(0, n - (num_taps or n)), n))  # None: every stage
         conv_op = encoder.conv_op
         norm_op = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}.get(conv_op, nn.BatchNorm3d)
         blocks, prev = [], 0

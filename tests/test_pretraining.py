@@ -39,9 +39,9 @@ def test_discriminator_is_fed_densely_and_plays_against_the_encoder(tiny_plans):
     net = SARNetwork(build_pretraining_network(pm, cm), num_modalities=3)
     enc = net.unet.encoder
     m = net.discriminator
-    assert m.taps == [1, 2, 3] and len(m.convs) == 3
+    assert m.taps == [0, 1, 2, 3] and len(m.convs) == 4
     widths = [c.conv.in_channels for c in m.convs]
-    assert widths == [enc.output_channels[1], 64 + enc.output_channels[2], 64 + enc.output_channels[3]]
+    assert widths == [enc.output_channels[0], *(64 + enc.output_channels[i] for i in (1, 2, 3))]
     x = torch.rand(4, 1, 32, 32, 32)
     restored, scale, modality = net(x)
     assert restored.shape == x.shape and scale.shape == (4, 3) and modality.shape == (4, 3)
@@ -49,14 +49,14 @@ def test_discriminator_is_fed_densely_and_plays_against_the_encoder(tiny_plans):
     for w in (1.0, 2.0):
         net.zero_grad()
         torch.nn.functional.cross_entropy(net(x, adv_weight=w)[2], torch.tensor([0, 1, 2, 0])).backward()
-        grads[w] = (enc.stages[1][0].convs[0].conv.weight.grad.clone(), m.fc[-1].weight.grad.clone())
+        grads[w] = (enc.stages[0][0].convs[0].conv.weight.grad.clone(), m.fc[-1].weight.grad.clone())
     assert grads[1.0][0].abs().sum() > 0  # the shallowest tap receives M's gradient
     assert torch.allclose(grads[2.0][0], 2 * grads[1.0][0], atol=1e-6)  # the encoder's share scales with the weight
     assert torch.allclose(grads[2.0][1], grads[1.0][1])  # M's own gradient does not
     net.zero_grad()
     feats = net.features.collect(enc(x))  # without reversal: the encoder gradient has the opposite sign
     torch.nn.functional.cross_entropy(m(feats), torch.tensor([0, 1, 2, 0])).backward()
-    assert torch.allclose(enc.stages[1][0].convs[0].conv.weight.grad, -grads[1.0][0], atol=1e-6)
+    assert torch.allclose(enc.stages[0][0].convs[0].conv.weight.grad, -grads[1.0][0], atol=1e-6)
 
 
 def _scale_recall(t) -> list[float]:

@@ -43,6 +43,7 @@ ARMS = {
     "sar_nnunetIntensity": ("nnUNetTrainerSAR_demo", "sar_nnunet"),
     "sar_absolute": ("nnUNetTrainerSAR_demo", "sar_absolute"),  # Models Genesis' absolute restoration target
     "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),  # control: warm-up and a fresh encoder, nothing pre-trained
+    "sar_300steps": ("nnUNetTrainerSAR_demo", "sar_300steps"),  # ten times the demo's pre-training
 }
 # pre-training run: (variant, options after the demo's own); the last option of a kind wins
 PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("sar", ["--norm", "batch"]),
@@ -50,7 +51,8 @@ PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("
                 "sar_lr0.1": ("sar", ["--lr-unet", "0.1"]), "sar_momentum0.99": ("sar", ["--momentum", "0.99"]),
                 "sar_nnunet": ("sar", ["--intensity", "nnunet"]),
                 "sar_absolute": ("sar", ["--restoration-target", "absolute"]),
-                "sar_lr0": ("sar", ["--lr-unet", "0"])}  # control: the U-Net as initialised, nothing learned
+                "sar_lr0": ("sar", ["--lr-unet", "0"]),  # control: the U-Net as initialised, nothing learned
+                "sar_300steps": ("sar", ["--epochs", "30"])}
 TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
     "demo": (901, 10, 4, 1.0, 0.0, 1),
     "faint": (913, 5, 6, 0.4, 0.25, 21),
