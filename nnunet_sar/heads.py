@@ -68,11 +68,9 @@ class ModalityDiscriminator(nn.Module):
     cubes of one batch apart, whatever norm the U-Net uses.
     """
 
-    def __init__(self, encoder, num_modalities: int = 2, num_taps: int | None = None, width: int = 64,
-                 hidden: int = 256):
+    def __init__(self, encoder, num_modalities: int = 2, width: int = 64, hidden: int = 256):
         super().__init__()
-        n = len(encoder.output_channels)
-        self.taps = list(range(max(0, n - (num_taps or n)), n))  # None: every stage
+        self.taps = list(range(len(encoder.output_channels)))  # every stage
         conv_op = encoder.conv_op
         norm_op = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}.get(conv_op, nn.BatchNorm3d)
         blocks, prev = [], 0

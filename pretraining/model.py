@@ -52,6 +52,5 @@ class SARNetwork(nn.Module):
         scale = self.scale_head(feats[-1]) if self.scale_head is not None else None
         modality = None
         if self.discriminator is not None:
-            taps = {i: reverse_gradient(feats[i], adv_weight) for i in self.discriminator.taps}
-            modality = self.discriminator([taps.get(i) for i in range(len(skips))])
+            modality = self.discriminator([reverse_gradient(f, adv_weight) for f in feats])
         return restored, scale, modality
