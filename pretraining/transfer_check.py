@@ -81,13 +81,17 @@ def objective_of(settings: dict):
 
 
 def check_transfer(checkpoint_file: str, val_batch: dict, batch_size: int, device="cpu", out_folder: str | None = None,
-                   log=print, objective=None) -> dict:
+                   log=print, objective=None, intensity: str | None = None) -> dict:
     """Runs the check for a pre-training checkpoint on `val_batch` (the loop's fixed validation cubes);
-    writes the json and png into `out_folder` (default: beside the checkpoint)."""
+    writes the json and png into `out_folder` (default: beside the checkpoint). ``intensity``: measure on
+    the cubes in this scheme instead of the run's own (a ``unit`` run on the intensities nnU-Net will show
+    it: ``nnunet``); written as ``transfer_check_<scheme>.*`` so the run's own check stays."""
     ckpt = load_checkpoint_file(checkpoint_file)
     s = ckpt.get("settings") or {}
-    objective = objective or objective_of(s)
-    if s.get("intensity", "unit") != "unit":  # the cubes as the loop's _step sees them
+    own = s.get("intensity", "unit")
+    scheme = intensity or own
+    objective = objective or objective_of({**s, "intensity": scheme})  # errors in the window's units either way
+    if scheme != "unit":  # the cubes as the loop's _step sees them (the maps came from validation_cubes_of)
         val_batch = normalise_as_nnunet(val_batch)
     if not objective.restores:
         return check_encoder_transfer(ckpt, checkpoint_file, objective, val_batch, batch_size, device, out_folder, log)
@@ -109,15 +113,18 @@ def check_transfer(checkpoint_file: str, val_batch: dict, batch_size: int, devic
          "corrupted_input": mse(images), "cube_mean": mse(mean), "cubes": len(images), "norm": s.get("norm"),
          "checkpoint": os.path.abspath(checkpoint_file), "network_class": cm.network_arch_class_name,
          "pretraining_norm_op": _norm_name(pre), "finetuning_norm_op": _norm_name(fine), "kind": "restoration",
-         "objective": objective.name, "voxels": "masked" if "loss_mask" in val_batch else "all"}
+         "objective": objective.name, "voxels": "masked" if "loss_mask" in val_batch else "all",
+         "intensity": scheme, "pretraining_intensity": own}
     r["ratio_finetuning_to_pretraining"] = r["finetuning_network"] / max(r["pretraining_network"], 1e-12)
     r["verdict"] = verdict(r)
     r["summary"] = (f"restoration MSE on held-out cubes ({r['voxels']} voxels), pre-training network "
                     f"{r['pretraining_network']:.4g}, this (fine-tuning) network {r['finetuning_network']:.4g}, corrupted "
                     f"input {r['corrupted_input']:.4g}, cube mean {r['cube_mean']:.4g}: {r['verdict']}")
     _write(out_folder or dirname(os.path.abspath(checkpoint_file)), r,
-           lambda f: _picture(f, images, target, restored_pre, restored_fine, r))
-    log(f"transfer check: restoration MSE on {len(images)} held-out cubes: (a) pre-training network "
+           lambda f: _picture(f, images, target, restored_pre, restored_fine, r),
+           "transfer_check" if scheme == own else f"transfer_check_{scheme}")
+    log(f"transfer check{'' if scheme == own else f' on cubes in the {scheme!r} intensities (pre-trained on {own!r})'}"
+        f": restoration MSE on {len(images)} held-out cubes: (a) pre-training network "
         f"{r['pretraining_network']:.4g}, (b) fine-tuning network ({r['finetuning_norm_op']}) "
         f"{r['finetuning_network']:.4g}, (c) corrupted input {r['corrupted_input']:.4g}, (d) cube mean "
         f"{r['cube_mean']:.4g}. {r['verdict']}")
@@ -186,11 +193,11 @@ def check_encoder_transfer(ckpt: dict, checkpoint_file: str, objective, val_batc
     return r
 
 
-def _write(folder: str, r: dict, picture) -> None:
-    """transfer_check.json and transfer_check.png (``picture(file)``) into ``folder``, each written atomically."""
+def _write(folder: str, r: dict, picture, name: str = "transfer_check") -> None:
+    """``name``.json and ``name``.png (``picture(file)``) into ``folder``, each written atomically."""
     from nnunet_sar.files import atomic_write
-    atomic_write(join(folder, "transfer_check.json"), lambda f: f.write(json.dumps(r, indent=2).encode()))
-    atomic_write(join(folder, "transfer_check.png"), picture)
+    atomic_write(join(folder, f"{name}.json"), lambda f: f.write(json.dumps(r, indent=2).encode()))
+    atomic_write(join(folder, f"{name}.png"), picture)
 
 
 def _bars(fname, r):
@@ -232,8 +239,9 @@ def _picture(fname, images, target, pre, fine, r, n: int = 4):
     plt.close(fig)
 
 
-def validation_cubes_of(settings: dict) -> dict:
-    """The run's fixed validation cubes, rebuilt from its settings exactly as ``SARPretrainer`` built them."""
+def validation_cubes_of(settings: dict, intensity: str | None = None) -> dict:
+    """The run's fixed validation cubes, rebuilt from its settings exactly as ``SARPretrainer`` built them
+    (with the maps of ``intensity`` instead of the run's own scheme when given)."""
     from nnunet_sar.pretraining.cubes import fixed_validation_cubes
     from nnunet_sar.pretraining.sources import preprocess_sources, split_train_val
     cache = settings.get("cache_dir") or join(nnunet_folder("nnUNet_preprocessed"), "nnUNetSAR_sources")
@@ -241,7 +249,7 @@ def validation_cubes_of(settings: dict) -> dict:
     _, val_volumes = split_train_val(volumes, settings["val_fraction"], settings["seed"])
     per_volume = [c if i in settings["scales"] else 0 for i, c in enumerate(settings["val_cubes_per_volume"])]
     pm, cm, _ = load_plans(settings["dataset_name"], settings["plans_identifier"], settings["configuration"])
-    maps = dict(zip((v.path for v in volumes), intensity_maps(volumes, settings.get("intensity", "unit"), pm, cm)))
+    maps = dict(zip((v.path for v in volumes), intensity_maps(volumes, intensity or settings.get("intensity", "unit"), pm, cm)))
     return fixed_validation_cubes(val_volumes, settings.get("cube_size", settings["patch_size"]), per_volume,
                                   objective_of(settings).transforms(), seed=settings["seed"] + 1,
                                   modalities=settings["modalities"], intensity_maps=[maps[v.path] for v in val_volumes])
@@ -257,6 +265,9 @@ def main(argv=None):
     p.add_argument("--variant", default=None, help="SAR's pre-training variant [sar]")
     p.add_argument("--checkpoint", default=None, help="another checkpoint file [the run's checkpoint_final.pth]")
     p.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"], help="[%(default)s]")
+    p.add_argument("--intensity", default=None, choices=["unit", "nnunet"],
+                   help="measure on the held-out cubes in this intensity scheme (nnunet: as nnU-Net normalises the "
+                        "target) instead of the run's own; written as transfer_check_<scheme>.json/png [the run's]")
     args = p.parse_args(argv)
     console_main("nnunet_sar_check_transfer")(check_run)(args)
 
@@ -268,7 +279,9 @@ def check_run(args):
     settings = load_checkpoint_file(fname).get("settings")
     if not settings:
         raise SARError(f"{fname} has no 'settings': not a checkpoint of nnunet_sar_pretrain")
-    return check_transfer(fname, validation_cubes_of(settings), settings["batch_size"], args.device)
+    intensity = getattr(args, "intensity", None)
+    return check_transfer(fname, validation_cubes_of(settings, intensity), settings["batch_size"], args.device,
+                          intensity=intensity)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,16 @@ def test_check_transfer_command_rebuilds_the_same_cubes(tiny_plans, results):
         after = json.load(f)
     for k in ("pretraining_network", "finetuning_network", "corrupted_input", "cube_mean", "cubes"):
         assert after[k] == pytest.approx(before[k], rel=1e-5), k
+    # --intensity nnunet: the same cubes as nnU-Net normalises them (the CT sources clipped to their own
+    # percentiles: the corrupted input's error changes), written beside the run's own check, not over it
+    main(["-d", TARGET, "-p", tiny_plans, "--intensity", "nnunet"])
+    with open(join(t.output_folder, "transfer_check_nnunet.json")) as f:
+        other = json.load(f)
+    with open(join(t.output_folder, "transfer_check.json")) as f:
+        assert json.load(f) == after
+    assert (other["intensity"], other["pretraining_intensity"], other["cubes"]) == ("nnunet", "unit", after["cubes"])
+    assert other["corrupted_input"] != pytest.approx(after["corrupted_input"], rel=1e-3), (other, after)
+    assert isfile(join(t.output_folder, "transfer_check_nnunet.png"))
 
 
 def test_warmup_schedules(planned_target, tiny_plans):

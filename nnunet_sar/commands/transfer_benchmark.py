@@ -37,6 +37,7 @@ ARMS = {
     "sar_fullTransfer": ("nnUNetTrainerSAR_fullTransfer_demo", "sar_instance"),
     "sar_sawtooth": ("nnUNetTrainerSAR_sawtooth_demo", "sar_instance"),
     "sar_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_instance"),
+    "sar_batchnorm": ("nnUNetTrainerSAR_demo", "sar_batch"),  # the default path, batch-norm pre-training
     "sar_batchnorm_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_batch"),  # before
     "sar_lr0.1": ("nnUNetTrainerSAR_demo", "sar_lr0.1"),  # the demo's U-Net lr before it became 0.01
     "sar_momentum0.99": ("nnUNetTrainerSAR_demo", "sar_momentum0.99"),
