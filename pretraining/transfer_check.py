@@ -93,10 +93,10 @@ def check_transfer(checkpoint_file: str, val_batch: dict, batch_size: int, devic
     objective = objective or objective_of({**s, "intensity": scheme})  # errors in the window's units either way
     if scheme != "unit":  # the cubes as the loop's _step sees them (the maps came from validation_cubes_of)
         val_batch = normalise_as_nnunet(val_batch)
-    name = "transfer_check" if scheme == own else f"transfer_check_{scheme}"
+    stem = "transfer_check" if scheme == own else f"transfer_check_{scheme}"
     if not objective.restores:
         return check_encoder_transfer(ckpt, checkpoint_file, objective, val_batch, batch_size, device, out_folder, log,
-                                      name)
+                                      stem)
     pm, cm, _ = load_plans(s["dataset_name"], s["plans_identifier"], s["configuration"])
     weights = ckpt["network_weights"]
     pre = build_pretraining_network(pm, cm, 1, norm=s.get("norm", "batch"))
@@ -123,7 +123,7 @@ def check_transfer(checkpoint_file: str, val_batch: dict, batch_size: int, devic
                     f"{r['pretraining_network']:.4g}, this (fine-tuning) network {r['finetuning_network']:.4g}, corrupted "
                     f"input {r['corrupted_input']:.4g}, cube mean {r['cube_mean']:.4g}: {r['verdict']}")
     _write(out_folder or dirname(os.path.abspath(checkpoint_file)), r,
-           lambda f: _picture(f, images, target, restored_pre, restored_fine, r), name)
+           lambda f: _picture(f, images, target, restored_pre, restored_fine, r), stem)
     log(f"transfer check{'' if scheme == own else f' on cubes in the {scheme!r} intensities (pre-trained on {own!r})'}"
         f": restoration MSE on {len(images)} held-out cubes: (a) pre-training network "
         f"{r['pretraining_network']:.4g}, (b) fine-tuning network ({r['finetuning_norm_op']}) "
@@ -138,7 +138,7 @@ ACCURACY_TOLERANCE = 0.02  # (b)'s proxy accuracy may be this much below (a)'s
 
 @torch.no_grad()
 def check_encoder_transfer(ckpt: dict, checkpoint_file: str, objective, val_batch: dict, batch_size: int, device,
-                           out_folder, log, name: str = "transfer_check") -> dict:
+                           out_folder, log, stem: str = "transfer_check") -> dict:
     """For an objective that trains the encoder alone: nnU-Net's network, with the checkpoint's weights, has
     the pre-training network's encoder features, and the proxy task read through its encoder (with the
     objective's head) scores as in pre-training, above chance."""
@@ -189,16 +189,16 @@ def check_encoder_transfer(ckpt: dict, checkpoint_file: str, objective, val_batc
     r["summary"] = (f"{metric} on {n} held-out cubes through the pre-training encoder {acc['pre']:.3f}, through this "
                     f"(fine-tuning) network's encoder {acc['fine']:.3f} (chance {objective.chance:.3g}), encoder features "
                     f"differ by {r['encoder_feature_difference']:.2g} (relative): {r['verdict']}")
-    _write(out_folder or dirname(os.path.abspath(checkpoint_file)), r, lambda f: _bars(f, r), name)
+    _write(out_folder or dirname(os.path.abspath(checkpoint_file)), r, lambda f: _bars(f, r), stem)
     log(f"transfer check ({objective.name}, encoder only): {r['summary']}")
     return r
 
 
-def _write(folder: str, r: dict, picture, name: str = "transfer_check") -> None:
-    """``name``.json and ``name``.png (``picture(file)``) into ``folder``, each written atomically."""
+def _write(folder: str, r: dict, picture, stem: str = "transfer_check") -> None:
+    """``stem``.json and ``stem``.png (``picture(file)``) into ``folder``, each written atomically."""
     from nnunet_sar.files import atomic_write
-    atomic_write(join(folder, f"{name}.json"), lambda f: f.write(json.dumps(r, indent=2).encode()))
-    atomic_write(join(folder, f"{name}.png"), picture)
+    atomic_write(join(folder, f"{stem}.json"), lambda f: f.write(json.dumps(r, indent=2).encode()))
+    atomic_write(join(folder, f"{stem}.png"), picture)
 
 
 def _bars(fname, r):
