@@ -31,7 +31,7 @@ import torch
 from nnunet_sar import SARError, console_main, nnunet_folder
 from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_checkpoint_file
 from nnunet_sar.network import build_network, build_pretraining_network, dataset_name, load_plans
-from nnunet_sar.pretraining.intensity import intensity_maps, normalise_as_nnunet
+from nnunet_sar.pretraining.intensity import SCHEMES, intensity_maps, normalise_as_nnunet
 
 TOLERANCE = 1.1  # (b) may be at most 10 % worse than (a)
 
@@ -240,9 +240,8 @@ def _picture(fname, images, target, pre, fine, r, n: int = 4):
     plt.close(fig)
 
 
-def validation_cubes_of(settings: dict, intensity: str | None = None) -> dict:
-    """The run's fixed validation cubes, rebuilt from its settings exactly as ``SARPretrainer`` built them
-    (with the maps of ``intensity`` instead of the run's own scheme when given)."""
+def validation_cubes_of(settings: dict) -> dict:
+    """The run's fixed validation cubes, rebuilt from its settings exactly as ``SARPretrainer`` built them."""
     from nnunet_sar.pretraining.cubes import fixed_validation_cubes
     from nnunet_sar.pretraining.sources import preprocess_sources, split_train_val
     cache = settings.get("cache_dir") or join(nnunet_folder("nnUNet_preprocessed"), "nnUNetSAR_sources")
@@ -250,7 +249,7 @@ def validation_cubes_of(settings: dict, intensity: str | None = None) -> dict:
     _, val_volumes = split_train_val(volumes, settings["val_fraction"], settings["seed"])
     per_volume = [c if i in settings["scales"] else 0 for i, c in enumerate(settings["val_cubes_per_volume"])]
     pm, cm, _ = load_plans(settings["dataset_name"], settings["plans_identifier"], settings["configuration"])
-    maps = dict(zip((v.path for v in volumes), intensity_maps(volumes, intensity or settings.get("intensity", "unit"), pm, cm)))
+    maps = dict(zip((v.path for v in volumes), intensity_maps(volumes, settings.get("intensity", "unit"), pm, cm)))
     return fixed_validation_cubes(val_volumes, settings.get("cube_size", settings["patch_size"]), per_volume,
                                   objective_of(settings).transforms(), seed=settings["seed"] + 1,
                                   modalities=settings["modalities"], intensity_maps=[maps[v.path] for v in val_volumes])
@@ -266,7 +265,7 @@ def main(argv=None):
     p.add_argument("--variant", default=None, help="SAR's pre-training variant [sar]")
     p.add_argument("--checkpoint", default=None, help="another checkpoint file [the run's checkpoint_final.pth]")
     p.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"], help="[%(default)s]")
-    p.add_argument("--intensity", default=None, choices=["unit", "nnunet"],
+    p.add_argument("--intensity", default=None, choices=SCHEMES,
                    help="measure on the held-out cubes in this intensity scheme (nnunet: as nnU-Net normalises the "
                         "target) instead of the run's own; written as transfer_check_<scheme>.json/png [the run's]")
     args = p.parse_args(argv)
@@ -280,9 +279,8 @@ def check_run(args):
     settings = load_checkpoint_file(fname).get("settings")
     if not settings:
         raise SARError(f"{fname} has no 'settings': not a checkpoint of nnunet_sar_pretrain")
-    intensity = getattr(args, "intensity", None)
-    return check_transfer(fname, validation_cubes_of(settings, intensity), settings["batch_size"], args.device,
-                          intensity=intensity)
+    cubes = validation_cubes_of({**settings, "intensity": args.intensity or settings.get("intensity", "unit")})
+    return check_transfer(fname, cubes, settings["batch_size"], args.device, intensity=args.intensity)
 
 
 if __name__ == "__main__":
