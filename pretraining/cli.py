@@ -52,7 +52,7 @@ def _key_value(text: str) -> tuple[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES
-    from nnunet_sar.pretraining.loop import PretrainSettings
+    from nnunet_sar.pretraining.loop import ADAM_LRS, OPTIMIZERS, PretrainSettings
     from nnunet_sar.pretraining.objectives import available, objective_class
     from nnunet_sar.pretraining.objectives.sar import VARIANTS
     d = PretrainSettings(dataset="", sources=[])
@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     setting("alpha", "weight of L_scale (paper: 1) [%(default)s]")
     setting("beta", "weight of L_res (paper: 10) [%(default)s]")
     setting("adv_weight", "gradient-reversal weight of L_adv on the encoder; 0 trains M as a probe only [%(default)s]")
-    setting("lr_unet", "SGD learning rate of the U-Net (paper: 1.0) [%(default)s]")
-    setting("lr_scale", "SGD learning rate of S (paper: 0.1)")
-    setting("lr_disc", "SGD learning rate of M (paper: 1e-3)")
+    setting("optimizer", choices=list(OPTIMIZERS), text="'sgd' (the paper's, with --momentum) or 'adam', whose learning "
+            "rates default to " + " / ".join(f"{v:g}" for v in ADAM_LRS.values()) + " (U-Net / S / M) [%(default)s]")
+    setting("lr_unet", "learning rate of the U-Net (paper, SGD: 1.0) [%(default)s with sgd]")
+    setting("lr_scale", "learning rate of S (paper: 0.1) [%(default)s with sgd]")
+    setting("lr_disc", "learning rate of M (paper: 1e-3) [%(default)s with sgd]")
     setting("momentum", "SGD momentum of every part [%(default)s]")
     setting("plateau_patience", "ReduceLROnPlateau patience")
     p.add_argument("--num-workers", type=int, default=None,
@@ -199,8 +201,13 @@ def apply_preset(args: argparse.Namespace, given: set) -> dict:
 def settings_from_args(argv=None):
     """(PretrainSettings, parsed arguments) of a command line, preset applied."""
     from nnunet_sar.pretraining.loop import PretrainSettings
+    from nnunet_sar.pretraining.loop import ADAM_LRS
     args = build_parser().parse_args(argv)
-    preset_values = apply_preset(args, given_options(argv))
+    given = given_options(argv)
+    preset_values = apply_preset(args, given)
+    if args.optimizer == "adam":  # Adam's own learning rates where none was given (the preset's are SGD's)
+        vars(args).update({k: v for k, v in ADAM_LRS.items() if k not in given})
+        preset_values = {k: v for k, v in preset_values.items() if k not in ADAM_LRS}
     args.sources, own_counts = split_cube_counts(args.sources)
     workers = args.num_workers
     if workers is None:

@@ -95,6 +95,26 @@ def test_default_learning_rate_groups(tiny_plans, results):
     assert {g["name"]: g["lr"] for g in rot.optimizer.param_groups} == {"unet": 0.1, "head": 0.01}
 
 
+def test_adam_takes_its_own_learning_rates_unless_given(tiny_plans, results):
+    """--optimizer adam: Adam over the same groups at its own rates (U-Net 1e-3, S 1e-3, M 1e-4); a rate given
+    on the command line wins, and SGD's rates, the paper preset's included, never reach Adam."""
+    from nnunet_sar.pretraining.cli import settings_from_args
+    from nnunet_sar.pretraining.loop import ADAM_LRS, SARPretrainer
+    base = ["-d", TARGET, "-p", tiny_plans, "--sources", *map(str, SOURCE_IDS), "--batch-size", "8", "--patch-size",
+            "16", "16", "16", "--val-cubes-per-volume", "1", "1", "1", "--val-fraction", "0.25", "-device", "cpu"]
+    s, _ = settings_from_args(base + ["--optimizer", "adam", "--lr-disc", "3e-4"])
+    t = SARPretrainer(s)
+    t.initialize()
+    assert type(t.optimizer) is torch.optim.Adam
+    assert {g["name"]: g["lr"] for g in t.optimizer.param_groups} == {"unet": 1e-3, "scale_head": 1e-3,
+                                                                       "discriminator": 3e-4}
+    paper, _ = settings_from_args(base + ["--optimizer", "adam", "--preset", "paper"])
+    assert (paper.lr_unet, paper.lr_scale, paper.lr_disc) == tuple(ADAM_LRS.values())
+    assert not set(ADAM_LRS) & set(paper.preset_values)  # the preset's SGD rates were not applied
+    sgd, _ = settings_from_args(base)
+    assert (sgd.optimizer, sgd.lr_unet) == ("sgd", 0.01)
+
+
 @pytest.mark.parametrize("objective", ["sar", "rot"])
 def test_transforms_on_the_device_give_the_loaders_cubes(objective, tiny_plans, results):
     """--transform-on device runs the objective's transforms batched in the training step, each cube under the

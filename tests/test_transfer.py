@@ -21,9 +21,9 @@ def results(tmp_path):
 def _pretrain(tiny_plans, **kw):
     """A seeded tiny pre-training run with Models Genesis' corruptions (in-painting and out-painting)."""
     from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
-    kw = {"epochs": 6, "iters_per_epoch": 10, **kw}
+    kw = {"epochs": 6, "iters_per_epoch": 10, "lr_unet": 0.1, **kw}
     s = PretrainSettings(dataset=TARGET, sources=[str(i) for i in SOURCE_IDS], plans_identifier=tiny_plans,
-                         device="cpu", val_fraction=0.25, batch_size=8, patch_size=[16, 16, 16], lr_unet=0.1,
+                         device="cpu", val_fraction=0.25, batch_size=8, patch_size=[16, 16, 16],
                          val_cubes_per_volume=[2, 2, 4], **kw)
     t = SARPretrainer(s)
     t.initialize()
