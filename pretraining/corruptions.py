@@ -278,6 +278,13 @@ class NonLinearIntensity(ImageOnlyTransform):
         torch.index_select(lut, 0, idx, out=v.view(-1))
         return v.to(img.dtype)
 
+    def apply(self, data_dict: dict, **params) -> dict:
+        """The mapped cube, and under ``inverted`` whether the map turned it upside down: restoration must
+        then tell the cube's polarity from its content (the transfer check reports those cubes apart)."""
+        data_dict = super().apply(data_dict, **params)
+        data_dict["inverted"] = torch.tensor(bool(params["apply"] and params["invert"]))
+        return data_dict
+
 
 # ----------------------------------------------------------------------------------------------
 # 4./5. in-painting or out-painting
@@ -350,6 +357,25 @@ class ImagePainting(ImageOnlyTransform):
             sl = (slice(None),) + tuple(slice(a, b) for a, b in box)
             out[sl] = img[sl]
         return out
+
+    def apply(self, data_dict: dict, **params) -> dict:
+        """The painted cube, and under ``painted`` the voxels the noise replaced: there restoration must invent
+        what the input no longer shows (the transfer check reports them apart)."""
+        data_dict = super().apply(data_dict, **params)
+        data_dict["painted"] = painted_voxels(data_dict["image"].shape, params, data_dict["image"].device)
+        return data_dict
+
+
+def painted_voxels(shape, params: dict, device=None) -> torch.Tensor:
+    """The voxels ``ImagePainting`` with ``params`` fills with noise: its boxes (in-painting), or all but its
+    windows (out-painting); none when it did not apply. A bool tensor of ``shape`` (C, X, Y, Z)."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    if params["apply"]:
+        inside = params["mode"] == "in"
+        mask.fill_(not inside)
+        for box in params["boxes"]:
+            mask[(slice(None),) + tuple(slice(a, b) for a, b in box)] = inside
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------

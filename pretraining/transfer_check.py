@@ -9,7 +9,9 @@ fixed held-out validation cubes, as restoration MSE of
       restoration layer, in eval mode as nnU-Net predicts;
   (c) returning the corrupted input unchanged;
   (d) predicting each clean cube's own mean (the best constant; an oracle, so a hard floor to beat).
-(b) should be close to (a) and clearly below (c) and (d). Written to ``transfer_check.json`` and
+(b) should be close to (a) and clearly below (c) and (d). With Models Genesis' corruptions the check also
+reports (b) and (d) apart on the voxels painting replaced and on those the input still shows, and on the
+shown voxels of cubes the non-linear map inverted and of the others (``regions``): where the error sits. Written to ``transfer_check.json`` and
 ``transfer_check.png`` (mid-slices: clean, corrupted, restored by (a) and by (b)) beside the checkpoint.
 ``nnunet_sar_check_transfer`` runs it on demand for a finished run.
 
@@ -119,17 +121,39 @@ def check_transfer(checkpoint_file: str, val_batch: dict, batch_size: int, devic
          "intensity": scheme, "pretraining_intensity": own}
     r["ratio_finetuning_to_pretraining"] = r["finetuning_network"] / max(r["pretraining_network"], 1e-12)
     r["verdict"] = verdict(r)
+    if "painted" in val_batch and "loss_mask" not in val_batch:
+        r["regions"] = regions(val_batch, lambda x, m: float(objective.restoration_error(
+            x, target, val_batch.get("intensity"), m)), restored_fine, mean)
+    where = "; ".join(f"{k} voxels ({v['share']:.0%}) {v['finetuning_network']:.4g} against {v['cube_mean']:.4g}"
+                      for k, v in r.get("regions", {}).items())
     r["summary"] = (f"restoration MSE on held-out cubes ({r['voxels']} voxels), pre-training network "
                     f"{r['pretraining_network']:.4g}, this (fine-tuning) network {r['finetuning_network']:.4g}, corrupted "
-                    f"input {r['corrupted_input']:.4g}, cube mean {r['cube_mean']:.4g}: {r['verdict']}")
+                    f"input {r['corrupted_input']:.4g}, cube mean {r['cube_mean']:.4g}: {r['verdict']}"
+                    + (f". Where the error sits, (b) against (d): {where}" if where else ""))
     _write(out_folder or dirname(os.path.abspath(checkpoint_file)), r,
            lambda f: _picture(f, images, target, restored_pre, restored_fine, r), stem)
     log(f"transfer check{'' if scheme == own else f' on cubes in the {scheme!r} intensities (pre-trained on {own!r})'}"
         f": restoration MSE on {len(images)} held-out cubes: (a) pre-training network "
         f"{r['pretraining_network']:.4g}, (b) fine-tuning network ({r['finetuning_norm_op']}) "
         f"{r['finetuning_network']:.4g}, (c) corrupted input {r['corrupted_input']:.4g}, (d) cube mean "
-        f"{r['cube_mean']:.4g}. {r['verdict']}")
+        f"{r['cube_mean']:.4g}. {r['verdict']}"
+        + (f"\n(b) against (d) where the error sits: {where}" if where else ""))
     return r
+
+
+def regions(val_batch: dict, error, restored, mean) -> dict:
+    """(b) and (d) on the voxels the input still shows and on those painting replaced, and on the shown
+    voxels of cubes the non-linear map inverted and of the others: the cube mean (d) is an oracle there too,
+    and a short run restores what it can see before it learns to invent the painted voxels or to tell an
+    inverted cube's polarity. ``error(x, mask)``: the objective's error on ``mask``'s voxels."""
+    painted = val_batch["painted"].bool()
+    shown = ~painted
+    out = {"shown": shown, "painted": painted}
+    if "inverted" in val_batch:
+        inverted = val_batch["inverted"].bool().view(-1, *[1] * (painted.ndim - 1))
+        out.update({"shown, not inverted": shown & ~inverted, "shown, inverted": shown & inverted})
+    return {k: {"share": float(m.float().mean()), "finetuning_network": error(restored, m), "cube_mean": error(mean, m)}
+            for k, m in out.items() if m.any()}
 
 
 FEATURE_TOLERANCE = 1e-3  # relative max difference of the encoders' bottleneck features

@@ -206,6 +206,34 @@ def test_painting_does_not_modify_input_in_place():
         assert torch.equal(x, x0)
 
 
+def test_painting_and_inversion_say_what_they_did():
+    """ImagePainting marks exactly the voxels its noise replaced (in- and out-painting; none when it does not
+    apply), NonLinearIntensity whether it inverted the cube: the transfer check splits its figures by them."""
+    x = _no_noise_values((1,) + SHAPE)
+    for share in (0.0, 1.0):
+        for seed in range(8):
+            torch.manual_seed(seed)
+            t = ImagePainting(p=1.0, inpaint_share=share)
+            out = t.apply({"image": x.clone()}, **t.get_parameters(image=x))
+            assert out["painted"].dtype == torch.bool
+            assert torch.equal(out["painted"], out["image"] != x)  # in-painting may draw no box at all
+            assert share == 1.0 or out["painted"][:, :3].all()  # out-painting always replaces the margin
+    skipped = ImagePainting(p=0.0)
+    assert not skipped.apply({"image": x.clone()}, **skipped.get_parameters(image=x))["painted"].any()
+    inverted = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        t = NonLinearIntensity(p=1.0)
+        params = t.get_parameters(image=x)
+        out = t.apply({"image": x.clone()}, **params)
+        r = float(torch.corrcoef(torch.stack([x.flatten(), out["image"].flatten()]))[0, 1])
+        assert bool(out["inverted"]) == params["invert"] == (r < 0), r
+        inverted.add(params["invert"])
+    assert inverted == {True, False}
+    off = NonLinearIntensity(p=0.0)
+    assert not off.apply({"image": x.clone()}, **off.get_parameters(image=x))["inverted"]
+
+
 # ---------------------------------------------------------------------------------------------
 # flips and the pipeline
 # ---------------------------------------------------------------------------------------------

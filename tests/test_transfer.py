@@ -45,9 +45,37 @@ def test_transfer_check_fine_tuning_network_does_what_pretraining_learned(tiny_p
     assert r["finetuning_network"] < r["corrupted_input"], r
     assert r["finetuning_network"] < r["cube_mean"], r
     assert r["verdict"].startswith("ok")
+    # where the error sits: the corruptions mark their voxels and cubes, and the regions add up to the whole
+    regions = r["regions"]
+    assert set(regions) == {"shown", "painted", "shown, not inverted", "shown, inverted"}, regions
+    assert regions["shown"]["share"] + regions["painted"]["share"] == pytest.approx(1)
+    for k in ("finetuning_network", "cube_mean"):
+        assert sum(regions[p]["share"] * regions[p][k] for p in ("shown", "painted")) == pytest.approx(r[k], rel=1e-4)
     assert isfile(join(t.output_folder, "transfer_check.png"))
     with open(t.log_file) as f:
         assert "transfer check: restoration MSE" in f.read()
+
+
+def test_regions_split_the_error_where_the_corruptions_put_it():
+    """The check's ``regions``: (b) and (d) on the voxels painting replaced and on those the input shows, and on
+    the shown voxels of inverted and other cubes. A restoration exact where a non-inverted cube is shown and
+    the cube's mean elsewhere scores 0 there and the mean's error everywhere else."""
+    from nnunet_sar.pretraining.transfer_check import regions
+    torch.manual_seed(0)
+    target = torch.rand(4, 1, 6, 6, 6)
+    painted = torch.zeros_like(target, dtype=torch.bool)
+    painted[:, :, :3] = True  # half of every cube
+    inverted = torch.tensor([False, True, False, True])
+    mean = target.flatten(1).mean(1).view(-1, 1, 1, 1, 1).expand_as(target)
+    restored = torch.where(~painted & ~inverted.view(-1, 1, 1, 1, 1), target, mean)
+    error = lambda x, m: float(((x - target) ** 2 * m).sum() / m.sum())  # noqa: E731
+    r = regions({"painted": painted, "inverted": inverted}, error, restored, mean)
+    assert r["shown, not inverted"] == {"share": 0.25, "finetuning_network": 0.0,
+                                         "cube_mean": pytest.approx(error(mean, ~painted & ~inverted.view(-1, 1, 1, 1, 1)))}
+    for k in ("painted", "shown, inverted"):
+        assert r[k]["finetuning_network"] == pytest.approx(r[k]["cube_mean"]) and r[k]["cube_mean"] > 0.05
+    assert (r["shown"]["share"], r["painted"]["share"]) == (0.5, 0.5)
+    assert set(regions({"painted": painted}, error, restored, mean)) == {"shown", "painted"}  # no non-linear map
 
 
 @pytest.mark.slow  # pre-training runs until the transfer check has something to measure
