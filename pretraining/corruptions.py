@@ -381,17 +381,19 @@ def painted_voxels(shape, params: dict, device=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # pipeline
 # ----------------------------------------------------------------------------------------------
-GENESIS_PROBABILITIES = {"flip_p": 0.4, "shuffle_p": 0.5, "nonlinear_p": 0.9, "paint_p": 0.9, "inpaint_share": 0.2}
+GENESIS_PROBABILITIES = {"flip_p": 0.4, "shuffle_p": 0.5, "nonlinear_p": 0.9, "invert_p": 0.5, "paint_p": 0.9,
+                         "inpaint_share": 0.2}
 
 
-def genesis_corruptions(flip_p: float = 0.4, shuffle_p: float = 0.5, nonlinear_p: float = 0.9,
+def genesis_corruptions(flip_p: float = 0.4, shuffle_p: float = 0.5, nonlinear_p: float = 0.9, invert_p: float = 0.5,
                         paint_p: float = 0.9, inpaint_share: float = 0.2) -> ComposeTransforms:
     """The Models Genesis corruption pipeline (its public config by default, GENESIS_PROBABILITIES):
-    flip -> local shuffle -> non-linear -> painting (in- or out-)."""
+    flip -> local shuffle -> non-linear (inverted with ``invert_p`` of the cubes it maps) -> painting (in- or
+    out-)."""
     return ComposeTransforms([
         GenesisFlip(p=flip_p),
         LocalPixelShuffling(p=shuffle_p),
-        NonLinearIntensity(p=nonlinear_p),
+        NonLinearIntensity(p=nonlinear_p, p_invert=invert_p),
         ImagePainting(p=paint_p, inpaint_share=inpaint_share),
     ])
 

@@ -232,6 +232,9 @@ def test_painting_and_inversion_say_what_they_did():
     assert inverted == {True, False}
     off = NonLinearIntensity(p=0.0)
     assert not off.apply({"image": x.clone()}, **off.get_parameters(image=x))["inverted"]
+    for invert_p in (0.0, 1.0):  # --corruption invert_p=P reaches the map
+        pipeline = genesis_corruptions(flip_p=0, shuffle_p=0, nonlinear_p=1, paint_p=0, invert_p=invert_p)
+        assert {bool(pipeline(image=x.clone())["inverted"]) for _ in range(6)} == {bool(invert_p)}
 
 
 # ---------------------------------------------------------------------------------------------

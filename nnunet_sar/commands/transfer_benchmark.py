@@ -46,6 +46,7 @@ ARMS = {
     "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),  # control: warm-up and a fresh encoder, nothing pre-trained
     "sar_300steps": ("nnUNetTrainerSAR_demo", "sar_300steps"),  # ten times the demo's pre-training
     "sar_adam": ("nnUNetTrainerSAR_demo", "sar_adam"),  # pre-trained with Adam at its default rates
+    "sar_noInvert": ("nnUNetTrainerSAR_demo", "sar_noInvert"),  # no cube turned upside down by the non-linear map
 }
 # pre-training run: (variant, options after the demo's own); the last option of a kind wins
 PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("sar", ["--norm", "batch"]),
@@ -54,7 +55,8 @@ PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("
                 "sar_nnunet": ("sar", ["--intensity", "nnunet"]),
                 "sar_absolute": ("sar", ["--restoration-target", "absolute"]),
                 "sar_lr0": ("sar", ["--lr-unet", "0"]),  # control: the U-Net as initialised, nothing learned
-                "sar_300steps": ("sar", ["--epochs", "30"]), "sar_adam": ("sar", ["--optimizer", "adam"])}
+                "sar_300steps": ("sar", ["--epochs", "30"]), "sar_adam": ("sar", ["--optimizer", "adam"]),
+                "sar_noInvert": ("sar", ["--corruption", "invert_p=0"])}
 TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
     "demo": (901, 10, 4, 1.0, 0.0, 1),
     "faint": (913, 5, 6, 0.4, 0.25, 21),
