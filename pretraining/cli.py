@@ -200,8 +200,7 @@ def apply_preset(args: argparse.Namespace, given: set) -> dict:
 
 def settings_from_args(argv=None):
     """(PretrainSettings, parsed arguments) of a command line, preset applied."""
-    from nnunet_sar.pretraining.loop import PretrainSettings
-    from nnunet_sar.pretraining.loop import ADAM_LRS
+    from nnunet_sar.pretraining.loop import ADAM_LRS, PretrainSettings
     args = build_parser().parse_args(argv)
     given = given_options(argv)
     preset_values = apply_preset(args, given)

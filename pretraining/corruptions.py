@@ -45,6 +45,7 @@ Differences from the numpy reference, on purpose:
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import List, Tuple
@@ -302,12 +303,14 @@ class ImagePainting(ImageOnlyTransform):
       with prob. ``p_more``), which keep the input's voxels.
 
     ``params['boxes']`` lists the boxes (in-painting) / windows (out-painting) as tuples of
-    (start, stop) per spatial axis. Noise is drawn per channel on the image's device.
+    (start, stop) per spatial axis. Noise is drawn per channel on the image's device. With ``mark``
+    the painted voxels are returned too (``marking``: the validation cubes only, training reads none).
     """
 
     def __init__(self, p: float = 1.0, inpaint_share: float = 0.2, p_more: float = 0.95,
-                 max_inpaint_boxes: int = 5, max_extra_windows: int = 4, margin: int = 3):
+                 max_inpaint_boxes: int = 5, max_extra_windows: int = 4, margin: int = 3, mark: bool = False):
         super().__init__()
+        self.mark = mark
         self.p = p
         self.inpaint_share = inpaint_share
         self.p_more = p_more
@@ -359,11 +362,25 @@ class ImagePainting(ImageOnlyTransform):
         return out
 
     def apply(self, data_dict: dict, **params) -> dict:
-        """The painted cube, and under ``painted`` the voxels the noise replaced: there restoration must invent
-        what the input no longer shows (the transfer check reports them apart)."""
+        """The painted cube, and with ``mark`` under ``painted`` the voxels the noise replaced: there restoration
+        must invent what the input no longer shows (the transfer check reports them apart)."""
         data_dict = super().apply(data_dict, **params)
-        data_dict["painted"] = painted_voxels(data_dict["image"].shape, params, data_dict["image"].device)
+        if self.mark:
+            data_dict["painted"] = painted_voxels(data_dict["image"].shape, params, data_dict["image"].device)
         return data_dict
+
+
+def marking(transforms):
+    """A copy of ``transforms`` whose ``ImagePainting`` marks the voxels it paints: for the fixed validation
+    cubes the transfer check splits by them; the same draws, so the same cubes. None stays None."""
+    out = copy.deepcopy(transforms)
+    stack = [out]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, ImagePainting):
+            t.mark = True
+        stack.extend(getattr(t, "transforms", []))
+    return out
 
 
 def painted_voxels(shape, params: dict, device=None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from nnunet_sar import SARError, __version__, nnunet_folder
 from nnunet_sar.checkpoint import (CHECKPOINT_ENV, atomic_save, cpu_state_dict, encoder_keys, load_checkpoint_file,
                                    pretrain_output_folder, unwrap)
 from nnunet_sar.network import build_pretraining_network, load_plans, nnunet_weights
-from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, tune_malloc
+from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES, marking, tune_malloc
 from nnunet_sar.pretraining.cubes import (DEFAULT_CUBES_PER_VOLUME, SCALE_NAMES, MultiScaleCubes, check_patch_size,
                                          fixed_validation_cubes, transform_batch)
 from nnunet_sar.pretraining.intensity import intensity_maps, normalise_as_nnunet
@@ -262,7 +262,7 @@ class SARPretrainer:
                                            intensity_maps=[maps[v.path] for v in self.train_volumes])
         val_per_volume = [c if i in obj.scales else 0 for i, c in enumerate(s.val_cubes_per_volume)]
         self.val_batch = fixed_validation_cubes(self.val_volumes, self.cube_size, val_per_volume,
-                                                self.transforms, seed=s.seed + 1, modalities=self.modalities,
+                                                marking(self.transforms), seed=s.seed + 1, modalities=self.modalities,
                                                 intensity_maps=[maps[v.path] for v in self.val_volumes])
         what = getattr(obj, "description_of_run", f"pre-training '{obj.name}' ({obj.description})")
         self.print_to_log_file(

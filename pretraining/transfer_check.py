@@ -11,8 +11,8 @@ fixed held-out validation cubes, as restoration MSE of
   (d) predicting each clean cube's own mean (the best constant; an oracle, so a hard floor to beat).
 (b) should be close to (a) and clearly below (c) and (d). With Models Genesis' corruptions the check also
 reports (b) and (d) apart on the voxels painting replaced and on those the input still shows, and on the
-shown voxels of cubes the non-linear map inverted and of the others (``regions``): where the error sits. Written to ``transfer_check.json`` and
-``transfer_check.png`` (mid-slices: clean, corrupted, restored by (a) and by (b)) beside the checkpoint.
+shown voxels of cubes the non-linear map inverted and of the others (``regions``): where the error sits.
+Written to ``transfer_check.json`` and ``transfer_check.png`` (mid-slices: clean, corrupted, restored by (a) and by (b)) beside the checkpoint.
 ``nnunet_sar_check_transfer`` runs it on demand for a finished run.
 
 Objectives that restore (sar, genesis, mae) are measured so; ``mae`` on its masked voxels (``loss_mask``),
@@ -266,6 +266,7 @@ def _picture(fname, images, target, pre, fine, r, n: int = 4):
 
 def validation_cubes_of(settings: dict) -> dict:
     """The run's fixed validation cubes, rebuilt from its settings exactly as ``SARPretrainer`` built them."""
+    from nnunet_sar.pretraining.corruptions import marking
     from nnunet_sar.pretraining.cubes import fixed_validation_cubes
     from nnunet_sar.pretraining.sources import preprocess_sources, split_train_val
     cache = settings.get("cache_dir") or join(nnunet_folder("nnUNet_preprocessed"), "nnUNetSAR_sources")
@@ -275,7 +276,7 @@ def validation_cubes_of(settings: dict) -> dict:
     pm, cm, _ = load_plans(settings["dataset_name"], settings["plans_identifier"], settings["configuration"])
     maps = dict(zip((v.path for v in volumes), intensity_maps(volumes, settings.get("intensity", "unit"), pm, cm)))
     return fixed_validation_cubes(val_volumes, settings.get("cube_size", settings["patch_size"]), per_volume,
-                                  objective_of(settings).transforms(), seed=settings["seed"] + 1,
+                                  marking(objective_of(settings).transforms()), seed=settings["seed"] + 1,
                                   modalities=settings["modalities"], intensity_maps=[maps[v.path] for v in val_volumes])
 
 

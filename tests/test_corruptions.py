@@ -13,6 +13,7 @@ from nnunet_sar.pretraining.corruptions import (
     NonLinearIntensity,
     corrupt,
     genesis_corruptions,
+    marking,
 )
 
 
@@ -208,17 +209,28 @@ def test_painting_does_not_modify_input_in_place():
 
 def test_painting_and_inversion_say_what_they_did():
     """ImagePainting marks exactly the voxels its noise replaced (in- and out-painting; none when it does not
-    apply), NonLinearIntensity whether it inverted the cube: the transfer check splits its figures by them."""
+    apply), NonLinearIntensity whether it inverted the cube: the transfer check splits its figures by them.
+    Painting marks only when asked (``marking``: the validation cubes), with the same draws."""
     x = _no_noise_values((1,) + SHAPE)
     for share in (0.0, 1.0):
         for seed in range(8):
             torch.manual_seed(seed)
-            t = ImagePainting(p=1.0, inpaint_share=share)
+            t = ImagePainting(p=1.0, inpaint_share=share, mark=True)
             out = t.apply({"image": x.clone()}, **t.get_parameters(image=x))
             assert out["painted"].dtype == torch.bool
             assert torch.equal(out["painted"], out["image"] != x)  # in-painting may draw no box at all
             assert share == 1.0 or out["painted"][:, :3].all()  # out-painting always replaces the margin
-    skipped = ImagePainting(p=0.0)
+    plain = genesis_corruptions(paint_p=1)
+    marked = marking(plain)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = plain(image=x.clone(), regression_target=x)
+        torch.manual_seed(seed)
+        b = marked(image=x.clone(), regression_target=x)
+        assert "painted" not in a and torch.equal(a["image"], b["image"])  # the same cube, marked
+        assert b["painted"].shape == x.shape and b["painted"].any()  # these seeds paint every cube
+    assert marking(None) is None and not plain.transforms[-1].mark  # a copy: the training pipeline unmarked
+    skipped = ImagePainting(p=0.0, mark=True)
     assert not skipped.apply({"image": x.clone()}, **skipped.get_parameters(image=x))["painted"].any()
     inverted = set()
     for seed in range(12):
