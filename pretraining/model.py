@@ -1,5 +1,6 @@
 """The pre-training network (paper Fig. 2): nnU-Net's U-Net E-D for the target plans, the scale
 head S on the bottleneck and the modality discriminator M on dense encoder taps."""
+import numpy as np
 import torch
 from torch import nn
 
@@ -7,20 +8,33 @@ from nnunet_sar.heads import ModalityDiscriminator, ScaleHead, reverse_gradient
 
 
 class PreNormFeatures:
-    """Each encoder stage's last convolution output *before* its norm, captured by forward hooks.
+    """Encoder features *before* a norm, captured by forward hooks: the first stage's first convolution,
+    every other stage's last one.
 
     The heads read these rather than the stage outputs: nnU-Net's instance norm standardises every
     channel of every cube, so after it the global statistics that S and M pool are nearly constant.
-    Before the norm they still carry the cube's intensity and texture, and the gradient of the heads
-    still reaches the encoder through the same convolutions. A stage without a norm gives its output."""
+    Before the norm they still carry the cube's texture and spread, and the gradient of the heads still
+    reaches the encoder through the same convolutions. Only the first convolution, linear in the cube,
+    still carries its intensity scale and level, the plainest modality cue: every later one reads
+    features its predecessor's instance norm made blind to the scale (and to the level but for the zero
+    padding at the cube's border). M as a probe, the learning test's run, read 0.65 / 0.61 / 0.61
+    held-out accuracy from the first stage's last convolution, 0.89 / 0.90 / 0.78 from its first (seeds
+    12345, 1, 2). A stage without a norm gives its output."""
 
     def __init__(self, encoder: nn.Module):
         self.captured: dict[int, torch.Tensor] = {}
         norm_type = getattr(encoder, "norm_op", None)
-        for i, stage in enumerate(encoder.stages):
-            norms = [m for m in stage.modules() if norm_type is not None and isinstance(m, norm_type)]
-            if norms:
-                norms[-1].register_forward_hook(self._hook(i))
+
+        def norms(module: nn.Module) -> list[nn.Module]:
+            return [m for m in module.modules() if norm_type is not None and isinstance(m, norm_type)]
+        taps = {i: norms(stage)[-1:] for i, stage in enumerate(encoder.stages)}
+        # the first convolution: ResEnc's stem where it works on stage 0's grid, else stage 0's first
+        stem = getattr(encoder, "stem", None)
+        first = norms(stem) if stem is not None and max(np.atleast_1d(encoder.strides[0])) == 1 else []
+        taps[0] = (first or norms(encoder.stages[0]))[:1]
+        for i, found in taps.items():
+            for norm in found:
+                norm.register_forward_hook(self._hook(i))
 
     def _hook(self, i: int):
         def store(module, inputs, output):
