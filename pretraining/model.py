@@ -1,6 +1,5 @@
 """The pre-training network (paper Fig. 2): nnU-Net's U-Net E-D for the target plans, the scale
 head S on the bottleneck and the modality discriminator M on dense encoder taps."""
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,10 +26,10 @@ class PreNormFeatures:
 
         def norms(module: nn.Module) -> list[nn.Module]:
             return [m for m in module.modules() if norm_type is not None and isinstance(m, norm_type)]
-        taps = {i: norms(stage)[-1:] for i, stage in enumerate(encoder.stages)}
         # the first convolution: ResEnc's stem where it works on stage 0's grid, else stage 0's first
         stem = getattr(encoder, "stem", None)
-        first = norms(stem) if stem is not None and max(np.atleast_1d(encoder.strides[0])) == 1 else []
+        first = norms(stem) if stem is not None and torch.as_tensor(encoder.strides[0]).eq(1).all() else []
+        taps = {i: norms(stage)[-1:] for i, stage in enumerate(encoder.stages)}
         taps[0] = (first or norms(encoder.stages[0]))[:1]
         for i, found in taps.items():
             for norm in found:

@@ -12,7 +12,8 @@ fixed held-out validation cubes, as restoration MSE of
 (b) should be close to (a) and clearly below (c) and (d). With Models Genesis' corruptions the check also
 reports (b) and (d) apart on the voxels painting replaced and on those the input still shows, and on the
 shown voxels of cubes the non-linear map inverted and of the others (``regions``): where the error sits.
-Written to ``transfer_check.json`` and ``transfer_check.png`` (mid-slices: clean, corrupted, restored by (a) and by (b)) beside the checkpoint.
+Written to ``transfer_check.json`` and ``transfer_check.png`` (mid-slices: clean, corrupted, restored by
+(a) and by (b)) beside the checkpoint.
 ``nnunet_sar_check_transfer`` runs it on demand for a finished run.
 
 Objectives that restore (sar, genesis, mae) are measured so; ``mae`` on its masked voxels (``loss_mask``),
