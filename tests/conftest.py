@@ -80,3 +80,5 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes of CPU training; `pytest -m 'not slow'` is the fast subset")
+    if config.option.durations is None:  # the suite's time is a budget (about 15 minutes): show where it goes
+        config.option.durations = 15

@@ -2,6 +2,7 @@
 format, the memory helpers read the right lines in the right unit. The one timing assertion is a wide
 margin (ours faster than the plain-loop reference at all; it is > 10x at real sizes), measured interleaved
 so that machine load hits both sides."""
+import os
 import re
 
 import numpy as np
@@ -65,3 +66,27 @@ def test_memory_helpers_read_the_peak_in_mib(tmp_path):
     assert fields["VmHWM"] >= fields["RssAnon"] + fields["RssFile"] - 1
     assert 50 < fields["VmHWM"] < 64 * 1024
     assert fields["RssFile"] > 0  # the memory-mapped volumes and libraries are file-backed
+
+
+def test_transfer_benchmark_checkpoint_arm_refuses_a_missing_or_other_file(tmp_path, capsys, monkeypatch):
+    """sar_checkpoint fine-tunes one given run in every repeat: without the file it stops in one line before
+    making any target (minutes), and a working folder keeps the rows of one checkpoint only."""
+    import json
+
+    import pytest
+
+    from nnunet_sar.commands import transfer_benchmark as tb
+    monkeypatch.setattr(tb, "prepare", lambda *a: pytest.fail("targets made before the arguments were checked"))
+    before = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for extra in ([], ["--checkpoint", str(tmp_path / "none.pth")]):
+        with pytest.raises(SystemExit) as e:
+            tb.main(["--arms", "sar_checkpoint", "-o", str(tmp_path / "w"), *extra])
+        assert e.value.code == 2 and "needs --checkpoint FILE" in capsys.readouterr().err
+    mine, other = tmp_path / "mine.pth", tmp_path / "other.pth"
+    mine.write_bytes(b"x"), other.write_bytes(b"x")
+    (tmp_path / "w").mkdir()
+    json.dump({"checkpoint": str(mine)}, open(tmp_path / "w" / "transfer_benchmark.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        tb.main(["--arms", "sar_checkpoint", "--checkpoint", str(other), "-o", str(tmp_path / "w")])
+    assert e.value.code == 2 and f"holds sar_checkpoint rows of {mine}" in capsys.readouterr().err
+    assert {k: os.environ.get(k) for k in before} == before  # the tests' nnU-Net folders untouched

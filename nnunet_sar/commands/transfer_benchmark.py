@@ -26,6 +26,7 @@ import tempfile
 import time
 from os.path import isfile, join
 
+from nnunet_sar import SARError, console_main
 from nnunet_sar.commands.demo import PRETRAINING, _exe  # the demo's pre-training and console-script lookup
 
 # arm: (fine-tuning trainer, pre-training run it starts from or None)
@@ -40,6 +41,9 @@ ARMS = {
     "sar_batchnorm": ("nnUNetTrainerSAR_demo", "sar_batch"),  # the default path, batch-norm pre-training
     "sar_batchnorm_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_batch"),  # before
     "sar_lr0.1": ("nnUNetTrainerSAR_demo", "sar_lr0.1"),  # the demo's U-Net lr before it became 0.01
+    "sar_lr1": ("nnUNetTrainerSAR_demo", "sar_lr1"),  # the paper's U-Net lr (and Models Genesis')
+    "sar_lr1_rescale": ("nnUNetTrainerSAR_rescale_demo", "sar_lr1"),  # ... its convolutions back to their initial norm
+    "sar_lr1_noPaint": ("nnUNetTrainerSAR_demo", "sar_lr1_noPaint"),  # lr 1 without in- and out-painting
     "sar_momentum0.99": ("nnUNetTrainerSAR_demo", "sar_momentum0.99"),
     "sar_nnunetIntensity": ("nnUNetTrainerSAR_demo", "sar_nnunet"),
     "sar_absolute": ("nnUNetTrainerSAR_demo", "sar_absolute"),  # Models Genesis' absolute restoration target
@@ -47,11 +51,13 @@ ARMS = {
     "sar_300steps": ("nnUNetTrainerSAR_demo", "sar_300steps"),  # ten times the demo's pre-training
     "sar_adam": ("nnUNetTrainerSAR_demo", "sar_adam"),  # pre-trained with Adam at its default rates
     "sar_noInvert": ("nnUNetTrainerSAR_demo", "sar_noInvert"),  # no cube turned upside down by the non-linear map
+    "sar_checkpoint": ("nnUNetTrainerSAR_demo", "checkpoint"),  # --checkpoint FILE in every repeat (a longer run)
 }
 # pre-training run: (variant, options after the demo's own); the last option of a kind wins
 PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("sar", ["--norm", "batch"]),
                 "genesis_instance": ("genesis", ["--norm", "instance"]),
-                "sar_lr0.1": ("sar", ["--lr-unet", "0.1"]), "sar_momentum0.99": ("sar", ["--momentum", "0.99"]),
+                "sar_lr0.1": ("sar", ["--lr-unet", "0.1"]), "sar_lr1": ("sar", ["--lr-unet", "1"]),
+                "sar_lr1_noPaint": ("sar", ["--lr-unet", "1", "--corruption", "paint_p=0"]), "sar_momentum0.99": ("sar", ["--momentum", "0.99"]),
                 "sar_nnunet": ("sar", ["--intensity", "nnunet"]),
                 "sar_absolute": ("sar", ["--restoration-target", "absolute"]),
                 "sar_lr0": ("sar", ["--lr-unet", "0"]),  # control: the U-Net as initialised, nothing learned
@@ -174,31 +180,43 @@ def build_parser():
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="[all]")
     p.add_argument("--targets", nargs="+", default=["demo", "faint"], choices=list(TARGETS), help="[demo faint]")
     p.add_argument("--repeats", type=int, default=3, help="[%(default)s]")
+    p.add_argument("--checkpoint", default=None,
+                   help="the sar_checkpoint arm's pre-training checkpoint (e.g. a run far longer than the demo's, made "
+                        "elsewhere with the demo's target plans): every repeat fine-tunes it with that repeat's seed")
     p.add_argument("-o", "--output", default=None, help="working folder [a new temporary folder]")
     p.add_argument("--json", default=None, help="write all results here (also written into the working folder)")
     return p
 
 
+@console_main("nnunet_sar_benchmark --transfer")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     root = os.path.abspath(args.output or tempfile.mkdtemp(prefix="nnunet_sar_transfer_benchmark_"))
+    log_file = join(root, "benchmark_log.txt")
+    out_json = join(root, "transfer_benchmark.json")
+    results = json.load(open(out_json)) if isfile(out_json) else {}  # a rerun in the same folder continues
+    needed = sorted({ARMS[a][1] for a in args.arms if ARMS[a][1]})
+    if "checkpoint" in needed:
+        if not args.checkpoint or not isfile(args.checkpoint):
+            raise SARError(f"the arm sar_checkpoint needs --checkpoint FILE (got {args.checkpoint!r})")
+        given = results.setdefault("checkpoint", os.path.abspath(args.checkpoint))
+        if given != os.path.abspath(args.checkpoint):
+            raise SARError(f"{out_json} holds sar_checkpoint rows of {given}; give another -o for {args.checkpoint}")
     env = dict(os.environ)
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[k] = os.environ[k] = join(root, k)
         os.makedirs(env[k], exist_ok=True)
     env.update({"nnUNet_compile": "0", "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", "2")})
-    log_file = join(root, "benchmark_log.txt")
-    out_json = join(root, "transfer_benchmark.json")
-    results = json.load(open(out_json)) if isfile(out_json) else {}  # a rerun in the same folder continues
     t0 = time.time()
     print(f"transfer benchmark in {root} (log: {log_file})", flush=True)
     names = prepare(root, args.targets, env, log_file)
-    needed = sorted({ARMS[a][1] for a in args.arms if ARMS[a][1]})
     for r in range(args.repeats):
         if all(len(results.get(t, {}).get(a, [])) > r for t in args.targets for a in args.arms):
             continue
-        ckpts = {key: pretrain(names[args.targets[0]], key, r, env, log_file) for key in needed}
-        checks = {key: json.load(open(join(os.path.dirname(c), "transfer_check.json"))) for key, c in ckpts.items()}
+        ckpts = {key: results["checkpoint"] if key == "checkpoint" else pretrain(names[args.targets[0]], key, r, env,
+                                                                                 log_file) for key in needed}
+        checks = {key: json.load(open(join(os.path.dirname(c), "transfer_check.json"))) for key, c in ckpts.items()
+                  if isfile(join(os.path.dirname(c), "transfer_check.json"))}
         results.setdefault("transfer_checks", {}).setdefault(str(r), {}).update(checks)
         for t in args.targets:
             for arm in args.arms:
