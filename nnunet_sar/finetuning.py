@@ -23,7 +23,6 @@ class SARInitialisation:
     pre-training did is seen in the fine-tuning log."""
     pretraining_variant = "sar"
     transfer_parts = "encoder"  # measured: a restoration decoder stalls the start (BENCHMARKS.md, transfer)
-    rescale = False             # each loaded convolution that feeds a norm back to its initial norm (rescale_like)
 
     def initialize(self):
         was_initialized = self.was_initialized
@@ -33,45 +32,13 @@ class SARInitialisation:
         fname = find_pretrained_checkpoint(self.plans_manager.dataset_name, self.pretraining_variant,
                                            self.plans_manager.plans_name, self.configuration_name,
                                            plans=self.plans_manager.plans)
-        initial = {k: v.clone() for k, v in self.network.state_dict().items()} if self.rescale else None
         n = load_pretrained_into(self.network, fname, log=self.print_to_log_file, parts=self.transfer_parts)
-        if self.rescale:
-            factors = rescale_like(self.network, initial)
-            self.print_to_log_file(f"SAR: {len(factors)} loaded convolutions that feed a norm rescaled to their initial "
-                                   f"norm (the same function): factors {min(factors.values()):.3g}-"
-                                   f"{max(factors.values()):.3g}" if factors else "SAR: nothing to rescale")
         what = "all but the seg layers" if self.transfer_parts == "all" else \
             "the encoder only; the decoder keeps nnU-Net's initialisation"
         self.print_to_log_file(f"SAR: loaded {n} pre-trained tensors ({what}) from {fname}")
         report = transfer_check_summary(fname)
         if report:
             self.print_to_log_file(report)
-
-
-def rescale_like(network: torch.nn.Module, initial: dict) -> dict:
-    """Scales every convolution whose output a norm layer standardises (weight and bias together) back to the
-    norm its weight had in ``initial``. The function is the same (a norm undoes the scale), but SGD's step on
-    such a weight shrinks with the square of its norm: pre-training at the paper's U-Net lr 1 grows the encoder's
-    weights 3-11x, which leaves nnU-Net's lr 1e-2 almost no step on them (BENCHMARKS.md). Returns the factors."""
-    from nnunet_sar.checkpoint import unwrap
-    module, factors = unwrap(network), {}
-    state = module.state_dict()
-    for name, m in module.named_modules():
-        norm = getattr(m, "norm", None)
-        conv = getattr(m, "conv", None)
-        if not isinstance(conv, torch.nn.modules.conv._ConvNd) or not isinstance(norm, torch.nn.Module) or \
-                isinstance(norm, torch.nn.Identity):
-            continue
-        key = f"{name}.conv.weight" if name else "conv.weight"
-        if key not in initial or torch.equal(initial[key], state[key]):
-            continue  # not loaded: nnU-Net's own initialisation
-        f = float(initial[key].norm() / state[key].norm().clamp_min(1e-12))
-        with torch.no_grad():
-            conv.weight.mul_(f)
-            if conv.bias is not None:
-                conv.bias.mul_(f)
-        factors[key] = f
-    return factors
 
 
 class LearningRateWarmup:

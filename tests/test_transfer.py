@@ -147,33 +147,6 @@ def test_warmup_schedules(planned_target, tiny_plans):
     assert tr.warmup_iterations == 12500
 
 
-def test_rescale_keeps_the_function_and_gives_loaded_convolutions_their_initial_norm(planned_target, tiny_plans):
-    """Pre-training at the paper's U-Net lr 1 grows the encoder's weights several-fold; every convolution a norm
-    follows computes the same function at any scale, so the trainer can give it back its initial norm (and
-    with it nnU-Net's step size). Only loaded tensors move; the output is unchanged."""
-    from nnunet_sar.finetuning import rescale_like
-    from nnunet_sar.network import build_target_network, load_plans
-    pm, cm, dj = load_plans(TARGET, tiny_plans)
-    torch.manual_seed(0)
-    net = build_target_network(pm, cm, dj, deep_supervision=False).eval()
-    initial = {k: v.clone() for k, v in net.state_dict().items()}
-    grown = [k for k, _ in net.named_parameters() if k.startswith("encoder.stages.0.")]
-    with torch.no_grad():  # "pre-trained": stage 0 grown 3x, 4x, ... (a norm follows each of its convolutions)
-        for i, (k, p) in enumerate(net.named_parameters()):
-            p.mul_(3 + i if k in grown else 1)
-    x = torch.randn(2, 1, 16, 16, 16)
-    with torch.no_grad():
-        before = net(x)
-    factors = rescale_like(net, initial)
-    with torch.no_grad():
-        after = net(x)
-    state = net.state_dict()
-    assert sorted(factors) == sorted(k for k in grown if k.endswith("conv.weight")) and len(factors) == 2
-    assert all(float(state[k].norm() / initial[k].norm()) == pytest.approx(1, rel=1e-5) for k in factors)
-    assert torch.allclose(after, before, rtol=1e-3, atol=1e-4)
-    assert all(torch.equal(state[k], initial[k]) for k in initial if "encoder.stages.0." not in k)
-
-
 @pytest.mark.slow  # three short nnU-Net trainings
 def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results, monkeypatch):
     """nnUNet_SAR_seed (the transfer benchmark's pairing): two runs of a demo-schedule trainer with one seed

@@ -11,10 +11,6 @@ class nnUNetTrainerSAR_demo(DemoSchedule, nnUNetTrainerSAR):
     pass
 
 
-class nnUNetTrainerSAR_rescale_demo(DemoSchedule, nnUNetTrainerSAR):
-    rescale = True
-
-
 class nnUNetTrainerSAR_noWarmup_demo(DemoSchedule, nnUNetTrainerSAR):
     warmup = None
 

@@ -42,7 +42,6 @@ ARMS = {
     "sar_batchnorm_fullTransfer_noWarmup": ("nnUNetTrainerSAR_fullTransfer_noWarmup_demo", "sar_batch"),  # before
     "sar_lr0.1": ("nnUNetTrainerSAR_demo", "sar_lr0.1"),  # the demo's U-Net lr before it became 0.01
     "sar_lr1": ("nnUNetTrainerSAR_demo", "sar_lr1"),  # the paper's U-Net lr (and Models Genesis')
-    "sar_lr1_rescale": ("nnUNetTrainerSAR_rescale_demo", "sar_lr1"),  # ... its convolutions back to their initial norm
     "sar_lr1_noPaint": ("nnUNetTrainerSAR_demo", "sar_lr1_noPaint"),  # lr 1 without in- and out-painting
     "sar_momentum0.99": ("nnUNetTrainerSAR_demo", "sar_momentum0.99"),
     "sar_nnunetIntensity": ("nnUNetTrainerSAR_demo", "sar_nnunet"),
