@@ -7,7 +7,8 @@ Phantom targets (evidence about the pipeline, not about real tumours):
   0.04): 5 labelled cases, fold 0 trains on 4; 6 test cases;
 - ``bright``: the same few-label set-up with the demo's full contrast and the same texture.
 Each repeat pre-trains with the demo's settings (3 x 10 steps of 8 cubes of 32^3, otherwise
-``nnunet_sar_pretrain``'s defaults; sources: the demo's CT and MRI phantoms) once per pre-training arm, then fine-tunes every arm with the demo's schedule
+``nnunet_sar_pretrain``'s defaults; sources: the demo's CT and MRI phantoms) once per pre-training arm (``sar_checkpoint``:
+the ``--checkpoint`` given, in every repeat), then fine-tunes every arm with the demo's schedule
 (3 epochs x 10 iterations, fold 0; ``nnUNet_SAR_seed`` = 2000 + repeat for every arm, so that the arms of a
 repeat share their initialisation, batches and augmentations and differ only in the arm: paired differences)
 through ``nnUNetv2_train`` (``nnUNet_SAR_checkpoint`` hands the one
