@@ -2,10 +2,12 @@
 format, the memory helpers read the right lines in the right unit. The one timing assertion is a wide
 margin (ours faster than the plain-loop reference at all; it is > 10x at real sizes), measured interleaved
 so that machine load hits both sides."""
+import json
 import os
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from nnunet_sar.commands import benchmark
@@ -71,10 +73,6 @@ def test_memory_helpers_read_the_peak_in_mib(tmp_path):
 def test_transfer_benchmark_checkpoint_arm_refuses_a_missing_or_other_file(tmp_path, capsys, monkeypatch):
     """sar_checkpoint fine-tunes one given run in every repeat: without the file it stops in one line before
     making any target (minutes), and a working folder keeps the rows of one checkpoint only."""
-    import json
-
-    import pytest
-
     from nnunet_sar.commands import transfer_benchmark as tb
     monkeypatch.setattr(tb, "prepare", lambda *a: pytest.fail("targets made before the arguments were checked"))
     before = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}

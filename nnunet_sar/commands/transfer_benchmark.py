@@ -215,10 +215,11 @@ def main(argv=None):
     for r in range(args.repeats):
         if all(len(results.get(t, {}).get(a, [])) > r for t in args.targets for a in args.arms):
             continue
-        ckpts = {key: results["checkpoint"] if key == "checkpoint" else pretrain(names[args.targets[0]], key, r, env,
-                                                                                 log_file) for key in needed}
-        checks = {key: json.load(open(join(os.path.dirname(c), "transfer_check.json"))) for key, c in ckpts.items()
-                  if isfile(join(os.path.dirname(c), "transfer_check.json"))}
+        ckpts = {key: pretrain(names[args.targets[0]], key, r, env, log_file) for key in needed if key != "checkpoint"}
+        if "checkpoint" in needed:  # the given run, in every repeat
+            ckpts["checkpoint"] = results["checkpoint"]
+        checks = {key: join(os.path.dirname(c), "transfer_check.json") for key, c in ckpts.items()}
+        checks = {key: json.load(open(f)) for key, f in checks.items() if isfile(f)}
         results.setdefault("transfer_checks", {}).setdefault(str(r), {}).update(checks)
         for t in args.targets:
             for arm in args.arms:
