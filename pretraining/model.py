@@ -60,7 +60,6 @@ class SARNetwork(nn.Module):
         """Returns (restoration logits, scale logits or None, modality logits or None). The encoder
         receives -adv_weight times M's gradient (adv_weight 0: M is a mere probe of the features)."""
         skips = self.unet.encoder(x)
-        self.last_skips = skips  # the stage outputs the decoder read, for terms on the features (decorrelation.py)
         feats = self.features.collect(skips)
         restored = self.unet.decoder(skips)
         scale = self.scale_head(feats[-1]) if self.scale_head is not None else None

@@ -45,8 +45,6 @@ ARMS = {
     "sar_lr1": ("nnUNetTrainerSAR_demo", "sar_lr1"),  # the paper's U-Net lr (and Models Genesis')
     "sar_lr1_noPaint": ("nnUNetTrainerSAR_demo", "sar_lr1_noPaint"),  # lr 1 without in- and out-painting
     "genesis_lr1": ("nnUNetTrainerGenesis_demo", "genesis_lr1"),  # restoration alone (no S, no M) at lr 1
-    "sar_lr1_decorrelation": ("nnUNetTrainerSAR_demo", "sar_lr1_dec"),  # lr 1 with L_dec, which keeps the rank
-    "sar_decorrelation": ("nnUNetTrainerSAR_demo", "sar_dec"),  # the default with L_dec
     "sar_momentum0.99": ("nnUNetTrainerSAR_demo", "sar_momentum0.99"),
     "sar_nnunetIntensity": ("nnUNetTrainerSAR_demo", "sar_nnunet"),
     "sar_absolute": ("nnUNetTrainerSAR_demo", "sar_absolute"),  # Models Genesis' absolute restoration target
@@ -61,9 +59,7 @@ PRETRAININGS = {"sar_instance": ("sar", ["--norm", "instance"]), "sar_batch": ("
                 "genesis_instance": ("genesis", ["--norm", "instance"]),
                 "sar_lr0.1": ("sar", ["--lr-unet", "0.1"]), "sar_lr1": ("sar", ["--lr-unet", "1"]),
                 "sar_lr1_noPaint": ("sar", ["--lr-unet", "1", "--corruption", "paint_p=0"]),
-                "genesis_lr1": ("genesis", ["--lr-unet", "1"]),
-                "sar_lr1_dec": ("sar", ["--lr-unet", "1", "--sar-decorrelation", "1"]),
-                "sar_dec": ("sar", ["--sar-decorrelation", "1"]), "sar_momentum0.99": ("sar", ["--momentum", "0.99"]),
+                "genesis_lr1": ("genesis", ["--lr-unet", "1"]), "sar_momentum0.99": ("sar", ["--momentum", "0.99"]),
                 "sar_nnunet": ("sar", ["--intensity", "nnunet"]),
                 "sar_absolute": ("sar", ["--restoration-target", "absolute"]),
                 "sar_lr0": ("sar", ["--lr-unet", "0"]),  # control: the U-Net as initialised, nothing learned

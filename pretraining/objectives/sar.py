@@ -16,7 +16,7 @@ players minimise (the adversarial term is a game value with no reason to decreas
 (alpha, beta, adv_weight, lr_scale, lr_disc, the corruption rates) are the loop's, as before the
 objectives became plug-ins.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 
@@ -73,13 +73,6 @@ def sar_terms(res, scale_logits, modality_logits, scale, modality, alpha: float,
     return out
 
 
-@dataclass
-class SARSettings:
-    decorrelation: float = field(default=0.0, metadata={
-        "help": "weight of L_dec, the mean squared correlation between the channels of each encoder stage's output "
-                "(pretraining/decorrelation.py: keeps the features' rank; 0: off, the paper's objective)"})
-
-
 class SAR(Objective):
     name = "sar"
     trainer = "nnUNetTrainerSAR"  # its fine-tuning trainer (trainers/)
@@ -87,7 +80,6 @@ class SAR(Objective):
     transfers = "all"
     restores = True
     fixed_variant = None  # genesis.py: always the 'genesis' variant
-    Settings = SARSettings
 
     def __init__(self, settings, input_size, strides):
         super().__init__(settings, input_size, strides)
@@ -143,12 +135,7 @@ class SAR(Objective):
     def terms(self, network, batch: dict) -> dict:
         restored, scale_logits, modality_logits = network(batch["image"], self.s.adv_weight)
         res = self.restoration_error(self.restoration(restored, batch["target"]), batch["target"], batch.get("intensity"))
-        out = sar_terms(res, scale_logits, modality_logits, batch["scale"], batch["modality"], self.alpha, self.beta)
-        if self.options.decorrelation:
-            from nnunet_sar.pretraining.decorrelation import decorrelation_loss
-            out["dec"] = decorrelation_loss(network.last_skips)
-            out["total"] = out["total"] + self.options.decorrelation * out["dec"]
-        return out
+        return sar_terms(res, scale_logits, modality_logits, batch["scale"], batch["modality"], self.alpha, self.beta)
 
     def record(self) -> dict:
         return {"adversarial": self.adversarial, "scale_loss": self.variant.scale_loss, "scales": list(self.scales)}
