@@ -48,7 +48,7 @@ def planned_target(nnunet_folders):
     write_phantom_dataset(raw, SOURCE_IDS[0], "SARTestCT", "CT", num_training=4, shape=(24, 32, 32),
                           spacing=(1.5, 1.0, 1.0), seed=7)
     write_phantom_dataset(raw, SOURCE_IDS[1], "SARTestMRI", "MRI", num_training=4, shape=(32, 32, 32), seed=8)
-    run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(TARGET_ID), "-c", "3d_fullres", "-np", "1",
+    run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(TARGET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
          "--verify_dataset_integrity"], env=PLANNING_ENV)
     return TARGET
 

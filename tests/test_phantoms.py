@@ -153,7 +153,8 @@ def test_nnunet_plan_and_preprocess(tmp_path):
     env = dict(os.environ, nnUNet_raw=raw, nnUNet_preprocessed=pre, nnUNet_results=res,
                OMP_NUM_THREADS="2", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1")
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_plan_and_preprocess")
-    proc = subprocess.run([exe, "-d", "994", "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "1"],
+    proc = subprocess.run([exe, "-d", "994", "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "1",
+                           "-npfp", "1"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = os.path.join(pre, "Dataset994_PhantE2E")

@@ -91,7 +91,7 @@ def main(argv=None):
     dev = ["-device", args.device]
     plan_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env.get("nnUNet_n_proc_DA") or 1)))}  # the planner crashes with 0
     _run([_exe("nnUNetv2_plan_and_preprocess"), "-d", str(tid), "-c", "3d_fullres", "--verify_dataset_integrity",
-          "-np", "2"], plan_env, "[2/6] nnU-Net planning and preprocessing of the target")
+          "-np", "2", "-npfp", "2"], plan_env, "[2/6] nnU-Net planning and preprocessing of the target")
     _run([_exe("nnunet_sar_pretrain"), "-d", str(tid), "--sources", *[str(s[0]) for s in SOURCES],
           "--epochs", str(args.pretrain_epochs), *dev, *PRETRAINING,
           *(["--iters-per-epoch", "2", "--batch-size", "4"] if args.tiny else [])] +  # the last of an option wins
@@ -105,7 +105,8 @@ def main(argv=None):
     for tr in trainers:
         pred = join(env["nnUNet_results"], dataset, f"{tr}__nnUNetPlans__3d_fullres", "test_predictions")
         _run([_exe("nnUNetv2_predict"), "-i", join(target, "imagesTs"), "-o", pred, "-d", str(tid), "-c", "3d_fullres",
-              "-f", "0", "-tr", tr, "--disable_tta", *dev],  # no mirroring: 8x fewer passes, the demo's time budget
+              "-f", "0", "-tr", tr, "--disable_tta", *dev,  # no mirroring: 8x fewer passes, the demo's time budget
+              "-npp", "0", "-nps", "0"],  # nnU-Net's sequential mode: 4 small cases need no worker processes
              env, f"[5/6] nnU-Net inference on the test cases: {tr}")
         _run([_exe("nnUNetv2_evaluate_folder"), join(target, "labelsTs"), pred, "-djfile", join(target, "dataset.json"),
               "-pfile", join(env["nnUNet_preprocessed"], dataset, "nnUNetPlans.json")], env,

@@ -97,7 +97,7 @@ def prepare(root: str, targets: list[str], env: dict, log_file: str) -> dict:
         if not isfile(join(env["nnUNet_preprocessed"], names[t], "nnUNetPlans.json")):
             write_phantom_dataset(raw, tid, name, "MRI", num_training=n_tr, num_test=n_ts, shape=(48, 48, 48),
                                   seed=seed, tumor_contrast=contrast, tumor_texture=texture, overwrite=True)
-            _run([_exe("nnUNetv2_plan_and_preprocess"), "-d", str(tid), "-c", "3d_fullres", "-np", "2"],
+            _run([_exe("nnUNetv2_plan_and_preprocess"), "-d", str(tid), "-c", "3d_fullres", "-np", "2", "-npfp", "2"],
                  {**env, "nnUNet_n_proc_DA": "1"}, log_file)
     return names
 
