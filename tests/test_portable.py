@@ -71,8 +71,9 @@ def moved_targets(one_pretraining, nnunet_folders):
     for dataset_id, name in TARGETS.items():
         write_phantom_dataset(nnunet_folders["nnUNet_raw"], dataset_id, name.split("_", 1)[1], "MRI", num_training=5,
                               shape=(32, 32, 32), seed=dataset_id)
-        run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--no_pp"],
-            env=PLANNING_ENV)  # fingerprint and its own plans (nnU-Net copies dataset.json there), no preprocessing
+        # fingerprint and its own plans (nnU-Net copies dataset.json there), no preprocessing
+        run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+             "--no_pp"], env=PLANNING_ENV)
         run([exe("nnUNetv2_move_plans_between_datasets"), "-s", str(TARGET_ID), "-t", str(dataset_id),
              "-sp", PLANS_A, "-tp", moved], env=PLANNING_ENV)
         run([exe("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", moved, "-c", "3d_fullres", "-np", "1"],

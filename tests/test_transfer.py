@@ -177,7 +177,8 @@ def test_pretrained_start_learns_a_faint_tumour_as_scratch_does(planned_target, 
     from nnunet_sar.phantoms import write_phantom_dataset
     write_phantom_dataset(nnunet_folders["nnUNet_raw"], 806, "SARTestFaint", "MRI", num_training=5, shape=(48, 48, 48),
                           seed=21, tumor_contrast=0.4, tumor_texture=0.25, overwrite=True)
-    run([exe("nnUNetv2_plan_and_preprocess"), "-d", "806", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env=PLANNING_ENV)
+    run([exe("nnUNetv2_plan_and_preprocess"), "-d", "806", "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
+        env=PLANNING_ENV)
     dataset = "Dataset806_SARTestFaint"
     env = {**os.environ, "nnUNet_results": str(tmp_path)}
     run([exe("nnunet_sar_pretrain"), "-d", "806", "--sources", *map(str, SOURCE_IDS), "--epochs", "3",
