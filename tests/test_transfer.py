@@ -164,14 +164,16 @@ def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results
 
 
 @pytest.mark.slow
-def test_pretrained_start_learns_a_faint_tumour_as_scratch_does(planned_target, nnunet_folders, tmp_path):
+def test_pretrained_start_learns_a_faint_tumour(planned_target, nnunet_folders, tmp_path, monkeypatch):
     """A faint, textured phantom tumour (40 % of the usual contrast; the transfer benchmark's 'faint'
     target): nnU-Net fine-tuned from the default pre-training path (``nnunet_sar_pretrain`` defaults but a
-    small cube, ``nnUNetTrainerSAR``) learns it in the demo's 30 iterations instead of collapsing to
+    small cube; ``nnUNetTrainerSAR_demo``, seeded) learns it in the demo's 30 iterations instead of collapsing to
     background as the path before the transfer issue did (batch norm, full transfer, no warm-up: Dice 0.000
-    on this target in the transfer benchmark). Scored by nnU-Net's own final validation: one case, so a
-    comparison with scratch is noise (measured with the default U-Net lr 0.01: 0.568 against scratch's
-    0.852 while the last pseudo Dice was 0.484 against 0.443); BENCHMARKS.md has 3 repeats on 6 test cases."""
+    on this target in the transfer benchmark). Scored by nnU-Net's own final validation of one case.
+    Scratch is not run here: it learns this target in these steps (0.852 in this test's set-up, when the
+    test ran both), and one case makes a comparison noise; the paired comparison over seven pre-training
+    seeds is the transfer benchmark's (BENCHMARKS.md). Dropping it took about 200 of the suite's slowest
+    test's 510-590 s on a 2-core CPU."""
     from conftest import PLANNING_ENV, exe, run
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunet_sar.phantoms import write_phantom_dataset
@@ -179,29 +181,19 @@ def test_pretrained_start_learns_a_faint_tumour_as_scratch_does(planned_target, 
                           seed=21, tumor_contrast=0.4, tumor_texture=0.25, overwrite=True)
     run([exe("nnUNetv2_plan_and_preprocess"), "-d", "806", "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
         env=PLANNING_ENV)
-    dataset = "Dataset806_SARTestFaint"
-    env = {**os.environ, "nnUNet_results": str(tmp_path)}
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))  # the pre-training run, where nnUNetTrainerSAR finds it
     run([exe("nnunet_sar_pretrain"), "-d", "806", "--sources", *map(str, SOURCE_IDS), "--epochs", "3",
-         "--iters-per-epoch", "10", "--patch-size", "16", "16", "16", "--batch-size", "8",
-         "-device", "cpu"], env=env)
-    dice, pseudo = {}, {}
-    old = os.environ["nnUNet_results"]
-    os.environ["nnUNet_results"] = str(tmp_path)
-    try:
-        for name in ("nnUNetTrainer", "nnUNetTrainerSAR"):
-            torch.manual_seed(0)
-            tr = get_trainer_from_args(dataset, "3d_fullres", 0, name, device=torch.device("cpu"))
-            tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 3, 10, 3  # the demo's
-            tr.run_training()
-            tr.perform_actual_validation(False)
-            with open(join(tr.output_folder, "validation", "summary.json")) as f:
-                dice[name] = json.load(f)["foreground_mean"]["Dice"]
-            pseudo[name] = [round(float(d), 3) for d in tr.logger.get_value("mean_fg_dice", step=None)]
-    finally:
-        os.environ["nnUNet_results"] = old
+         "--iters-per-epoch", "10", "--patch-size", "16", "16", "16", "--batch-size", "8", "-device", "cpu"])
+    monkeypatch.setenv("nnUNet_SAR_seed", "0")  # the run repeats exactly (nnUNet_n_proc_DA=0)
+    tr = get_trainer_from_args("Dataset806_SARTestFaint", "3d_fullres", 0, "nnUNetTrainerSAR_demo",
+                               device=torch.device("cpu"))
+    tr.run_training()
+    tr.perform_actual_validation(False)
+    with open(join(tr.output_folder, "validation", "summary.json")) as f:
+        dice = json.load(f)["foreground_mean"]["Dice"]
+    pseudo = [round(float(d), 3) for d in tr.logger.get_value("mean_fg_dice", step=None)]
     print("validation Dice:", dice, "pseudo Dice per epoch:", pseudo)
-    assert dice["nnUNetTrainer"] > 0.5, (dice, pseudo)  # the target is learnable in these steps
-    assert dice["nnUNetTrainerSAR"] > 0.3, (dice, pseudo)  # the pre-trained start learns it: no collapse
+    assert dice > 0.3, (dice, pseudo)  # the pre-trained start learns it: no collapse
 
 
 def test_intensity_maps_normalise_as_nnunet_does(tmp_path):
