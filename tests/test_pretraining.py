@@ -120,14 +120,15 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
     """Eq. 3's game, measured. M as a mere probe (--adv-weight 0) learns to tell CT from MRI phantoms on
     held-out volumes; with the adversarial term the encoder hides the modality and M's held-out accuracy
     falls to near chance. Two real CLI runs side by side (one core each) on 8 + 8 phantom volumes (2 + 2
-    held out, 128 fixed validation cubes): 16^3 cubes, batch 16, 640 SGD steps, corruptions off; accuracy
+    held out, 128 fixed validation cubes): 16^3 cubes, batch 16, 520 SGD steps, corruptions off; accuracy
     = mean of the last 8 epochs. M's learning rate is 0.1 here, not the paper's 1e-3, which is made for
     the paper's millions of cubes. The reversal weight is 3: at the default 1 the encoder hides the
     modality too, but less steadily in so short a run (measured with batch norm, 3 runs: 0.51-0.57 against
     0.70-0.75 as a probe). Since pre-training keeps the plans' instance norm, M reads the encoder's
     features before their norm, and on the first stage its first convolution, the only one that still
     sees the cube's intensities (``model.PreNormFeatures``). Measured at seeds 12345 (this test's), 1, 2:
-    0.89 / 0.90 / 0.78 as a probe, 0.58 / 0.55 / 0.50 under the reversal (reading stage 0's last
+    0.89 / 0.90 / 0.78 as a probe, 0.53 / 0.53 / 0.53 under the reversal (16 epochs: 0.89 / 0.90 / 0.78 and
+    0.58 / 0.55 / 0.50; 10 epochs: seed 2's probe 0.71, below the bar; BENCHMARKS.md) (reading stage 0's last
     convolution instead, as before: 0.65 / 0.61 / 0.61 against 0.53 / 0.52 / 0.53, gaps of 0.08-0.12)."""
     import subprocess
     from conftest import exe
@@ -143,7 +144,7 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
         env = {**os.environ, "nnUNet_results": str(tmp_path / f"adv{w}"), "OMP_NUM_THREADS": "1"}
         runs[w] = subprocess.Popen(
             [exe("nnunet_sar_pretrain"), "-d", TARGET, "-p", tiny_plans, "--sources", "804", "805", "--cache-dir", cache,
-             "--adv-weight", w, "--epochs", "16", "--iters-per-epoch", "40", "--batch-size", "16", "--patch-size", "16",
+             "--adv-weight", w, "--epochs", "13", "--iters-per-epoch", "40", "--batch-size", "16", "--patch-size", "16",
              "16", "16", "--val-fraction", "0.25", "--val-cubes-per-volume", "8", "8", "16", "--lr-unet", "0.1",
              "--lr-disc", "0.1", "--corruption", "flip_p=0", "shuffle_p=0", "nonlinear_p=0", "paint_p=0",
              "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
