@@ -127,9 +127,9 @@ def test_discriminator_separates_modalities_only_without_the_adversarial_term(ti
     0.70-0.75 as a probe). Since pre-training keeps the plans' instance norm, M reads the encoder's
     features before their norm, and on the first stage its first convolution, the only one that still
     sees the cube's intensities (``model.PreNormFeatures``). Measured at seeds 12345 (this test's), 1, 2:
-    0.89 / 0.90 / 0.78 as a probe, 0.53 / 0.53 / 0.53 under the reversal (16 epochs: 0.89 / 0.90 / 0.78 and
-    0.58 / 0.55 / 0.50; 10 epochs: seed 2's probe 0.71, below the bar; BENCHMARKS.md) (reading stage 0's last
-    convolution instead, as before: 0.65 / 0.61 / 0.61 against 0.53 / 0.52 / 0.53, gaps of 0.08-0.12)."""
+    0.89 / 0.90 / 0.78 as a probe, 0.53 / 0.53 / 0.53 under the reversal. At 16 epochs: 0.89 / 0.90 / 0.78
+    and 0.58 / 0.55 / 0.50, and reading stage 0's last convolution instead, as before: 0.65 / 0.61 / 0.61
+    against 0.53 / 0.52 / 0.53, gaps of 0.08-0.12. At 10 epochs seed 2's probe fell to 0.71 (BENCHMARKS.md)."""
     import subprocess
     from conftest import exe
     from nnunet_sar.phantoms import write_phantom_dataset

@@ -170,8 +170,8 @@ def test_pretrained_start_learns_a_faint_tumour(planned_target, nnunet_folders, 
     small cube; ``nnUNetTrainerSAR_demo``, seeded) learns it in the demo's 30 iterations instead of collapsing to
     background as the path before the transfer issue did (batch norm, full transfer, no warm-up: Dice 0.000
     on this target in the transfer benchmark). Scored by nnU-Net's own final validation of one case.
-    Scratch is not run here: it learns this target in these steps (0.852 in this test's set-up, when the
-    test ran both), and one case makes a comparison noise; the paired comparison over seven pre-training
+    Scratch is not run here: it learns this target in these steps (0.852 when the test ran both, seeded
+    by ``torch.manual_seed(0)`` only), and one case makes a comparison noise; the paired comparison over seven pre-training
     seeds is the transfer benchmark's (BENCHMARKS.md). Without it the test took 343 s instead of 587 s on a
     2-core AVX2-only CPU; validation Dice 0.731 at this seed, 0.453 at nnUNet_SAR_seed=1."""
     from conftest import PLANNING_ENV, exe, run
