@@ -13,10 +13,10 @@ target network but the seg layers, or the encoder's) must be present with the sa
 differences are named.
 """
 import os
+import sys
 from os.path import isfile, join
 
 import torch
-from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_sar import SARError, nnunet_folder, one_line
@@ -94,10 +94,12 @@ def cpu_state_dict(module: torch.nn.Module) -> dict:
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DDP and torch.compile wrappers."""
+    """The bare module under DDP and torch.compile wrappers. torch._dynamo is looked up, not imported (1.6 s
+    of every command's start): a compiled module exists only once torch.compile has imported it."""
     if isinstance(network, DistributedDataParallel):
         network = network.module
-    if isinstance(network, OptimizedModule):
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and isinstance(network, dynamo.OptimizedModule):
         network = network._orig_mod
     return network
 

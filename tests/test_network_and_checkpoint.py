@@ -135,3 +135,13 @@ def test_checkpoint_file_that_is_not_one(tmp_path):
     f.write_bytes(b"not a checkpoint")
     with pytest.raises(SARError, match="junk.pth"):
         load_checkpoint_file(str(f))
+
+
+def test_unwrap_finds_the_module_under_torch_compile():
+    """unwrap looks torch._dynamo up instead of importing it (1.6 s of every command's start): a compiled
+    network (nnU-Net's nnUNet_compile=1) must still be saved and loaded as the bare module."""
+    from nnunet_sar.checkpoint import cpu_state_dict, unwrap
+    net = torch.nn.Conv3d(1, 2, 3)
+    compiled = torch.compile(net)  # wraps only; nothing compiles until it is called
+    assert unwrap(compiled) is net and unwrap(net) is net
+    assert set(cpu_state_dict(compiled)) == {"weight", "bias"}  # not "_orig_mod.weight"
