@@ -67,17 +67,19 @@ def one_pretraining(tiny_plans):
 def moved_targets(one_pretraining, nnunet_folders):
     """Two phantom targets planned with 801's plans by nnU-Net's own commands, the pre-training recorded."""
     from nnunet_sar.phantoms import write_phantom_dataset
-    moved = _moved_plans()
+    moved, ids = _moved_plans(), [str(i) for i in TARGETS]
     for dataset_id, name in TARGETS.items():
         write_phantom_dataset(nnunet_folders["nnUNet_raw"], dataset_id, name.split("_", 1)[1], "MRI", num_training=5,
                               shape=(32, 32, 32), seed=dataset_id)
-        # fingerprint and its own plans (nnU-Net copies dataset.json there), no preprocessing
-        run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
-             "--no_pp"], env=PLANNING_ENV)
-        run([exe("nnUNetv2_move_plans_between_datasets"), "-s", str(TARGET_ID), "-t", str(dataset_id),
+    # fingerprints and their own plans (nnU-Net copies dataset.json there), no preprocessing; both in one command
+    run([exe("nnUNetv2_plan_and_preprocess"), "-d", *ids, "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--no_pp"],
+        env=PLANNING_ENV)
+    for dataset_id in ids:
+        run([exe("nnUNetv2_move_plans_between_datasets"), "-s", str(TARGET_ID), "-t", dataset_id,
              "-sp", PLANS_A, "-tp", moved], env=PLANNING_ENV)
-        run([exe("nnUNetv2_preprocess"), "-d", str(dataset_id), "-plans_name", moved, "-c", "3d_fullres", "-np", "1"],
-            env=PLANNING_ENV)
+    run([exe("nnUNetv2_preprocess"), "-d", *ids, "-plans_name", moved, "-c", "3d_fullres", "-np", "1"],
+        env=PLANNING_ENV)
+    for dataset_id in ids:
         out = run([exe("nnunet_sar_use_pretraining"), "-d", str(dataset_id), "-p", moved, "--from", str(TARGET_ID),
                    "-sp", PLANS_A]).stdout
         assert join(one_pretraining, "checkpoint_final.pth") in out
