@@ -63,6 +63,19 @@ def pretrained(planned_target):
 
 
 @pytest.fixture(scope="session")
+def gpu_check_cpu():
+    """``nnunet_sar_benchmark --gpu-check -device cpu``, its work kept: the check's result, and the tiny demo's
+    nnU-Net folders (plan -> pre-train -> nnUNetv2_train -> predict -> evaluate, all as commands) for the
+    end-to-end test, so CI runs that chain once."""
+    import json
+    root = join(_ROOT, "gpu_check")
+    done = run([exe("nnunet_sar_benchmark"), "--gpu-check", "-device", "cpu", "--keep", root,
+                "--json", join(root, "check.json")], check=False)
+    res = json.load(open(join(root, "check.json"))) if os.path.isfile(join(root, "check.json")) else None
+    return {"done": done, "result": res, "root": root}
+
+
+@pytest.fixture(scope="session")
 def tiny_plans(planned_target):
     """nnU-Net's plans for the target with 8..64 features per stage: a tiny network for CPU learning tests."""
     import json

@@ -3,6 +3,7 @@ it, ``skipped (needs CUDA)`` where it cannot, the figures consistent), and the d
 (``transform_batch``, what ``SARPretrainer._step`` runs under ``--transform-on device``) on CPU tensors."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -18,13 +19,13 @@ CPU_NEEDS_CUDA = ["pretrain_steps.amp_autocast_fp16",
 
 
 @pytest.mark.slow
-def test_cpu_form_of_the_gpu_check(tmp_path):
-    out = tmp_path / "check.json"
-    done = run([exe("nnunet_sar_benchmark"), "--gpu-check", "-device", "cpu", "--json", str(out)], check=False)
-    res = json.loads(out.read_text())
+def test_cpu_form_of_the_gpu_check(gpu_check_cpu):
+    done, res = gpu_check_cpu["done"], gpu_check_cpu["result"]
+    assert res is not None, (done.stdout[-3000:], done.stderr[-3000:])
     status = {e["path"]: e["status"] for e in res["entries"]}
     assert done.returncode == 0, (status, done.stdout[-3000:], done.stderr[-3000:])
-    check_cpu_form_result(res, (tmp_path / "check.txt").read_text())
+    with open(os.path.join(gpu_check_cpu["root"], "check.txt")) as f:
+        check_cpu_form_result(res, f.read())
 
 
 def check_cpu_form_result(res: dict, text: str):
