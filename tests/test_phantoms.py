@@ -154,3 +154,25 @@ def test_nnunet_plan_and_preprocess(planned_target):
     assert cfg["normalization_schemes"] == ["ZScoreNormalization"]
     folder = os.path.join(out, cfg["data_identifier"])
     assert len([f for f in os.listdir(folder) if f.endswith(".pkl")]) == 6  # every training case preprocessed
+
+
+def test_texture_target_differs_by_texture_alone():
+    """The transfer benchmark's ``texture`` target: no intensity threshold finds its tumour (the average
+    precision of the intensity, either sign, over the body stays near the tumour's share of it), while it does
+    find the ``faint`` target's. That is the point of the target (BENCHMARKS.md, the linear probe: AP 0.05
+    against 0.67 on nnU-Net's normalised test cases)."""
+    from sklearn.metrics import average_precision_score
+    from nnunet_sar.commands.transfer_benchmark import TARGETS
+
+    def intensity_ap(name):
+        _, _, _, contrast, texture, seed = TARGETS[name]
+        aps = []
+        for size in TUMOR_SIZES:
+            img, seg = make_phantom("MRI", (48, 48, 48), size, seed=seed, tumor_contrast=contrast, tumor_texture=texture)
+            body = img > 0
+            y, x = seg[body] == 1, img[body]
+            aps.append(max(average_precision_score(y, x), average_precision_score(y, -x)))
+        return aps
+    assert TARGETS["texture"][3] == 0.0  # contrast: none
+    assert max(intensity_ap("texture")) < 0.2, intensity_ap("texture")
+    assert min(intensity_ap("faint")) > 0.4, intensity_ap("faint")
