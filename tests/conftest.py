@@ -71,7 +71,10 @@ def gpu_check_cpu():
     root = join(_ROOT, "gpu_check")
     done = run([exe("nnunet_sar_benchmark"), "--gpu-check", "-device", "cpu", "--keep", root,
                 "--json", join(root, "check.json")], check=False)
-    res = json.load(open(join(root, "check.json"))) if os.path.isfile(join(root, "check.json")) else None
+    res = None
+    if os.path.isfile(join(root, "check.json")):
+        with open(join(root, "check.json")) as f:
+            res = json.load(f)
     return {"done": done, "result": res, "root": root}
 
 

@@ -80,7 +80,7 @@ def moved_targets(one_pretraining, nnunet_folders):
     run([exe("nnUNetv2_preprocess"), "-d", *ids, "-plans_name", moved, "-c", "3d_fullres", "-np", "1"],
         env=PLANNING_ENV)
     for dataset_id in ids:
-        out = run([exe("nnunet_sar_use_pretraining"), "-d", str(dataset_id), "-p", moved, "--from", str(TARGET_ID),
+        out = run([exe("nnunet_sar_use_pretraining"), "-d", dataset_id, "-p", moved, "--from", str(TARGET_ID),
                    "-sp", PLANS_A]).stdout
         assert join(one_pretraining, "checkpoint_final.pth") in out
     return moved
