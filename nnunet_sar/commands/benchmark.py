@@ -449,7 +449,8 @@ def main(argv=None):
         sys.exit(gpu_check_main([a for a in argv_list if a != "--gpu-check"]))
     if "--transfer" in argv_list:  # a benchmark of its own, with its own options
         from nnunet_sar.commands.transfer_benchmark import main as transfer_main
-        return transfer_main([a for a in argv_list if a != "--transfer"])
+        transfer_main([a for a in argv_list if a != "--transfer"])
+        return
     args = build_parser().parse_args(argv)
     if argv is None and os.environ.get("OMP_NUM_THREADS") != "1":  # single-thread numpy, scipy and torch
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -524,7 +525,6 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
     print(summary_line(tp["64x64x32"]["speedup"], tp["128^3"]["speedup"]))
-    return res
 
 
 if __name__ == "__main__":

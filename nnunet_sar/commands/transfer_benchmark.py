@@ -243,7 +243,6 @@ def main(argv=None):
     print(f"\ndone in {time.time() - t0:.0f} s; phantom targets: evidence about the pipeline, not about tumours")
     if args.json:
         json.dump(results, open(args.json, "w"), indent=1)
-    return results
 
 
 if __name__ == "__main__":
