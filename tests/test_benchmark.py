@@ -92,27 +92,30 @@ def test_transfer_benchmark_checkpoint_arm_refuses_a_missing_or_other_file(tmp_p
 
 def test_transfer_benchmark_pairs_its_arms_continues_and_exits_zero(tmp_path, capsys, monkeypatch):
     """The console script's loop with its minutes-long steps replaced: every arm of a repeat is fine-tuned with
-    that repeat's seed (the pairing), one pre-training per repeat and key, a rerun in the same folder
-    continues instead of redoing, and ``main`` returns None: the console script did ``sys.exit(results)``,
-    exit status 1 after a successful run, with the whole results dict on stderr."""
+    that repeat's seed (the pairing), one pre-training per repeat and key, ``-device`` reaches both steps, a rerun
+    in the same folder continues instead of redoing, and ``main`` returns None: the console script did
+    ``sys.exit(results)``, exit status 1 after a successful run, with the whole results dict on stderr."""
     from nnunet_sar.commands import benchmark, transfer_benchmark as tb
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # main points them at its folder
         monkeypatch.setenv(k, os.environ[k])
     calls = []
     monkeypatch.setattr(tb, "prepare", lambda root, targets, env, log: {t: f"Dataset9{i:02d}_{t}" for i, t in enumerate(targets)})
-    monkeypatch.setattr(tb, "pretrain", lambda first, key, r, env, log: calls.append(("pretrain", key, r)) or f"/x/{key}_{r}.pth")
+    monkeypatch.setattr(tb, "pretrain", lambda first, key, r, env, log, device: calls.append(("pretrain", key, r, device))
+                        or f"/x/{key}_{r}.pth")
 
-    def finetune(target, trainer, checkpoint, env, log, seed=None):
-        calls.append(("finetune", target, trainer, checkpoint, seed))
+    def finetune(target, trainer, checkpoint, env, log, seed=None, device="cpu"):
+        calls.append(("finetune", target, trainer, checkpoint, seed, device))
         return {"test_dice": seed / 10000, "pseudo_dice_per_epoch": [0.1, 0.2, 0.3]}
     monkeypatch.setattr(tb, "finetune_and_score", finetune)
-    argv = ["--transfer", "--arms", "scratch", "sar", "--targets", "demo", "faint", "--repeats", "2", "-o", str(tmp_path)]
+    argv = ["--transfer", "--arms", "scratch", "sar", "--targets", "demo", "faint", "--repeats", "2", "-o", str(tmp_path),
+            "-device", "cuda"]
     assert benchmark.main(argv) is None
-    assert [c for c in calls if c[0] == "pretrain"] == [("pretrain", "sar_instance", 0), ("pretrain", "sar_instance", 1)]
+    assert [c for c in calls if c[0] == "pretrain"] == [("pretrain", "sar_instance", 0, "cuda"),
+                                                        ("pretrain", "sar_instance", 1, "cuda")]
     tuned = [c for c in calls if c[0] == "finetune"]
     assert len(tuned) == 8 and {c[4] for c in tuned[:4]} == {2000} and {c[4] for c in tuned[4:]} == {2001}
-    assert ("finetune", "Dataset900_demo", "nnUNetTrainerSAR_demo", "/x/sar_instance_1.pth", 2001) in tuned
-    assert ("finetune", "Dataset901_faint", "nnUNetTrainer_demo", None, 2000) in tuned
+    assert ("finetune", "Dataset900_demo", "nnUNetTrainerSAR_demo", "/x/sar_instance_1.pth", 2001, "cuda") in tuned
+    assert ("finetune", "Dataset901_faint", "nnUNetTrainer_demo", None, 2000, "cuda") in tuned
     res = json.load(open(tmp_path / "transfer_benchmark.json"))
     assert [r["test_dice"] for r in res["faint"]["sar"]] == [0.2, 0.2001]
     assert "| sar | 0.200 +- 0.000" in capsys.readouterr().out

@@ -107,7 +107,7 @@ def prepare(root: str, targets: list[str], env: dict, log_file: str) -> dict:
     return names
 
 
-def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str) -> str:
+def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str, device: str = "cpu") -> str:
     """One pre-training run as the demo makes it; returns a copy of its checkpoint (with its transfer check)."""
     variant, options = PRETRAININGS[key]
     keep = join(env["nnUNet_results"], "pretrained", f"{key}_r{repeat}")
@@ -115,7 +115,7 @@ def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str)
         return join(keep, "checkpoint_final.pth")
     tid = first_target.split("_")[0][len("Dataset"):]
     _run([_exe("nnunet_sar_pretrain"), "-d", tid, "--sources", *[str(s[0]) for s in SOURCES], "--variant", variant,
-          "--epochs", "3", *PRETRAINING, *options, "--seed", str(1000 + repeat), "-device", "cpu", "--overwrite"],
+          "--epochs", "3", *PRETRAINING, *options, "--seed", str(1000 + repeat), "-device", device, "--overwrite"],
          env, log_file)
     from nnunet_sar.checkpoint import pretrain_output_folder
     folder = pretrain_output_folder(first_target, variant, "nnUNetPlans", "3d_fullres")
@@ -126,7 +126,7 @@ def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str)
 
 
 def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: dict, log_file: str,
-                       seed: int | None = None) -> dict:
+                       seed: int | None = None, device: str = "cpu") -> dict:
     """nnUNetv2_train fold 0 (seeded with ``nnUNet_SAR_seed``: every arm of a repeat gets the same initialisation,
     batches and augmentations), then Dice of nnU-Net's predictions on the target's test cases."""
     import numpy as np
@@ -140,11 +140,11 @@ def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: d
         run_env["nnUNet_SAR_seed"] = str(seed)
     if checkpoint:
         run_env["nnUNet_SAR_checkpoint"] = checkpoint
-    _run([_exe("nnUNetv2_train"), tid, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], run_env, log_file)
+    _run([_exe("nnUNetv2_train"), tid, "3d_fullres", "0", "-tr", trainer, "-device", device], run_env, log_file)
     model = join(env["nnUNet_results"], target, f"{trainer}__nnUNetPlans__3d_fullres")
     log = torch.load(join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)["logging"]
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(device),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model, (0,), "checkpoint_final.pth")
     raw = join(env["nnUNet_raw"], target)
@@ -192,6 +192,9 @@ def build_parser():
                         "elsewhere with the demo's target plans): every repeat fine-tunes it with that repeat's seed")
     p.add_argument("-o", "--output", default=None, help="working folder [a new temporary folder]")
     p.add_argument("--json", default=None, help="write all results here (also written into the working folder)")
+    p.add_argument("-device", default="cpu", choices=["cpu", "cuda"],
+                   help="pre-training, fine-tuning and prediction [%(default)s]; the schedule stays the demo's, and "
+                        "nnUNet_n_proc_DA=0 keeps a repeat's batches the same in every arm")
     return p
 
 
@@ -220,7 +223,7 @@ def main(argv=None):
     for r in range(args.repeats):
         if all(len(results.get(t, {}).get(a, [])) > r for t in args.targets for a in args.arms):
             continue
-        ckpts = {key: pretrain(names[args.targets[0]], key, r, env, log_file) for key in needed if key != "checkpoint"}
+        ckpts = {key: pretrain(names[args.targets[0]], key, r, env, log_file, args.device) for key in needed if key != "checkpoint"}
         if "checkpoint" in needed:  # the given run, in every repeat
             ckpts["checkpoint"] = results["checkpoint"]
         checks = {key: join(os.path.dirname(c), "transfer_check.json") for key, c in ckpts.items()}
@@ -232,7 +235,8 @@ def main(argv=None):
                 if len(done) > r:
                     continue
                 trainer, key = ARMS[arm]
-                res = finetune_and_score(names[t], trainer, ckpts.get(key), env, log_file, seed=2000 + r)
+                res = finetune_and_score(names[t], trainer, ckpts.get(key), env, log_file, seed=2000 + r,
+                                         device=args.device)
                 done.append(res)
                 print(f"[{time.time() - t0:6.0f} s] repeat {r + 1}/{args.repeats} {t:6s} {arm:24s} test Dice "
                       f"{res['test_dice']:.3f}  pseudo Dice per epoch "
