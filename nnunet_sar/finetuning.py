@@ -133,6 +133,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def demo_epochs() -> int:
+    """The demo schedule's number of epochs: 3, or ``nnUNet_SAR_demo_epochs``."""
+    import os
+    value = os.environ.get("nnUNet_SAR_demo_epochs", "3")
+    if not value.isdigit() or int(value) < 1:
+        raise SARError(f"nnUNet_SAR_demo_epochs={value!r}: expected a whole number of epochs >= 1")
+    return int(value)
+
+
 class DemoSchedule:
     """A few short epochs, for nnunet_sar_demo and the tests on a CPU. (nnU-Net records the arguments
     of ``__init__`` by signature, so it must be spelled out.)
@@ -140,12 +149,14 @@ class DemoSchedule:
     ``nnUNet_SAR_seed=N`` seeds the run (nnU-Net seeds nothing): the same network initialisation before it is
     built, and the same batches and augmentations from the first iteration, whatever the trainer. Arms that
     share a seed then differ only in what they change (the pre-trained encoder, the warm-up), which makes
-    the transfer benchmark's comparisons paired (with ``nnUNet_n_proc_DA=0`` on the CPU, runs repeat exactly)."""
+    the transfer benchmark's comparisons paired (with ``nnUNet_n_proc_DA=0`` on the CPU, runs repeat exactly).
+    ``nnUNet_SAR_demo_epochs=N`` lengthens the schedule to N epochs of 10 iterations (``nnunet_sar_benchmark
+    --transfer --finetune-epochs``: every arm at one length, e.g. on a GPU), the warm-up staying proportional."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 3
+        self.num_epochs = demo_epochs()
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 3
 

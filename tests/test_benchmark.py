@@ -93,7 +93,8 @@ def test_transfer_benchmark_checkpoint_arm_refuses_a_missing_or_other_file(tmp_p
 def test_transfer_benchmark_pairs_its_arms_continues_and_exits_zero(tmp_path, capsys, monkeypatch):
     """The console script's loop with its minutes-long steps replaced: every arm of a repeat is fine-tuned with
     that repeat's seed (the pairing), one pre-training per repeat and key, ``-device`` reaches both steps, a rerun
-    in the same folder continues instead of redoing, and ``main`` returns None: the console script did
+    in the same folder continues instead of redoing (and refuses another ``--finetune-epochs``, whose runs would
+    mix with these), and ``main`` returns None: the console script did
     ``sys.exit(results)``, exit status 1 after a successful run, with the whole results dict on stderr."""
     from nnunet_sar.commands import benchmark, transfer_benchmark as tb
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # main points them at its folder
@@ -103,12 +104,13 @@ def test_transfer_benchmark_pairs_its_arms_continues_and_exits_zero(tmp_path, ca
     monkeypatch.setattr(tb, "pretrain", lambda first, key, r, env, log, device: calls.append(("pretrain", key, r, device))
                         or f"/x/{key}_{r}.pth")
 
-    def finetune(target, trainer, checkpoint, env, log, seed=None, device="cpu"):
+    def finetune(target, trainer, checkpoint, env, log, seed=None, device="cpu", epochs=3):
+        assert epochs == 5
         calls.append(("finetune", target, trainer, checkpoint, seed, device))
         return {"test_dice": seed / 10000, "pseudo_dice_per_epoch": [0.1, 0.2, 0.3]}
     monkeypatch.setattr(tb, "finetune_and_score", finetune)
     argv = ["--transfer", "--arms", "scratch", "sar", "--targets", "demo", "faint", "--repeats", "2", "-o", str(tmp_path),
-            "-device", "cuda"]
+            "-device", "cuda", "--finetune-epochs", "5"]
     assert benchmark.main(argv) is None
     assert [c for c in calls if c[0] == "pretrain"] == [("pretrain", "sar_instance", 0, "cuda"),
                                                         ("pretrain", "sar_instance", 1, "cuda")]
@@ -121,3 +123,6 @@ def test_transfer_benchmark_pairs_its_arms_continues_and_exits_zero(tmp_path, ca
     assert "| sar | 0.200 +- 0.000" in capsys.readouterr().out
     calls.clear()
     assert benchmark.main(argv) is None and calls == []  # everything was done: the rerun only prints the table
+    with pytest.raises(SystemExit):
+        benchmark.main(argv[:-1] + ["6"])
+    assert "holds runs of 5 fine-tuning epochs" in capsys.readouterr().err and calls == []

@@ -163,6 +163,24 @@ def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results
     assert not all(torch.equal(finals[0][k], finals[2][k]) for k in finals[0])
 
 
+def test_demo_schedule_length_from_the_environment(planned_target, tiny_plans, monkeypatch):
+    """nnUNet_SAR_demo_epochs (the transfer benchmark's --finetune-epochs) lengthens every demo-schedule trainer,
+    the warm-up in proportion; a bad value is one error that names the variable."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunet_sar import SARError
+
+    def trainer(name):
+        return get_trainer_from_args(TARGET, "3d_fullres", 0, name, tiny_plans, device=torch.device("cpu"))
+    assert (trainer("nnUNetTrainerSAR_demo").num_epochs, trainer("nnUNetTrainerSAR_demo").warmup_iterations) == (3, 2)
+    monkeypatch.setenv("nnUNet_SAR_demo_epochs", "40")
+    assert trainer("nnUNetTrainer_demo").num_epochs == 40
+    tr = trainer("nnUNetTrainerSAR_demo")
+    assert (tr.num_epochs, tr.num_iterations_per_epoch, tr.warmup_iterations) == (40, 10, 20)
+    monkeypatch.setenv("nnUNet_SAR_demo_epochs", "0")
+    with pytest.raises(SARError, match="nnUNet_SAR_demo_epochs='0'"):
+        trainer("nnUNetTrainer_demo")
+
+
 @pytest.mark.slow
 def test_pretrained_start_learns_a_faint_tumour(planned_target, nnunet_folders, tmp_path, monkeypatch):
     """A faint, textured phantom tumour (40 % of the usual contrast; the transfer benchmark's 'faint'

@@ -9,11 +9,12 @@ Phantom targets (evidence about the pipeline, not about real tumours):
 - ``texture``: the same few-label set-up with no contrast at all, the tumour differs by its texture (0.25)
   alone: the one target measured so far where an untrained encoder does not already separate the tumour
   (linear probe, average precision 0.25-0.42 against 0.90-0.94 on ``faint``; BENCHMARKS.md, "Why the
-  benchmark's targets show no head start"), so the one where pre-training has room to help.
+  benchmark's targets show no head start"), so the one where pre-training has room to help; at the demo's
+  30 iterations no arm learns it in two pairs of three, so it needs a longer schedule to compare.
 Each repeat pre-trains with the demo's settings (3 x 10 steps of 8 cubes of 32^3, otherwise
 ``nnunet_sar_pretrain``'s defaults; sources: the demo's CT and MRI phantoms) once per pre-training arm (``sar_checkpoint``:
 the ``--checkpoint`` given, in every repeat), then fine-tunes every arm with the demo's schedule
-(3 epochs x 10 iterations, fold 0; ``nnUNet_SAR_seed`` = 2000 + repeat for every arm, so that the arms of a
+(3 epochs x 10 iterations, or ``--finetune-epochs`` N x 10; fold 0; ``nnUNet_SAR_seed`` = 2000 + repeat for every arm, so that the arms of a
 repeat share their initialisation, batches and augmentations and differ only in the arm: paired differences)
 through ``nnUNetv2_train`` (``nnUNet_SAR_checkpoint`` hands the one
 checkpoint to every target: their plans build the same network), predicts the test cases with nnU-Net's
@@ -126,9 +127,10 @@ def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str,
 
 
 def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: dict, log_file: str,
-                       seed: int | None = None, device: str = "cpu") -> dict:
+                       seed: int | None = None, device: str = "cpu", epochs: int = 3) -> dict:
     """nnUNetv2_train fold 0 (seeded with ``nnUNet_SAR_seed``: every arm of a repeat gets the same initialisation,
-    batches and augmentations), then Dice of nnU-Net's predictions on the target's test cases."""
+    batches and augmentations; ``epochs`` of 10 iterations through ``nnUNet_SAR_demo_epochs``), then Dice of
+    nnU-Net's predictions on the target's test cases."""
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -136,6 +138,7 @@ def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: d
     run_env = {**env, "nnUNet_n_proc_DA": "0"}
     run_env.pop("nnUNet_SAR_checkpoint", None)
     run_env.pop("nnUNet_SAR_seed", None)
+    run_env["nnUNet_SAR_demo_epochs"] = str(epochs)
     if seed is not None:
         run_env["nnUNet_SAR_seed"] = str(seed)
     if checkpoint:
@@ -193,8 +196,11 @@ def build_parser():
     p.add_argument("-o", "--output", default=None, help="working folder [a new temporary folder]")
     p.add_argument("--json", default=None, help="write all results here (also written into the working folder)")
     p.add_argument("-device", default="cpu", choices=["cpu", "cuda"],
-                   help="pre-training, fine-tuning and prediction [%(default)s]; the schedule stays the demo's, and "
-                        "nnUNet_n_proc_DA=0 keeps a repeat's batches the same in every arm")
+                   help="pre-training, fine-tuning and prediction [%(default)s]; nnUNet_n_proc_DA=0 keeps a repeat's "
+                        "batches the same in every arm")
+    p.add_argument("--finetune-epochs", type=int, default=3,
+                   help="fine-tuning epochs of 10 iterations for every arm [%(default)s: the demo's schedule]; longer "
+                        "runs let a target that 30 iterations cannot learn (texture) show a head start")
     return p
 
 
@@ -205,6 +211,12 @@ def main(argv=None):
     log_file = join(root, "benchmark_log.txt")
     out_json = join(root, "transfer_benchmark.json")
     results = json.load(open(out_json)) if isfile(out_json) else {}  # a rerun in the same folder continues
+    if args.finetune_epochs < 1:
+        raise SARError(f"--finetune-epochs {args.finetune_epochs}: expected >= 1")
+    # a new folder takes the flag's length; one written before the flag has the demo's 3
+    if results.setdefault("finetune_epochs", args.finetune_epochs if not results else 3) != args.finetune_epochs:
+        raise SARError(f"{out_json} holds runs of {results['finetune_epochs']} fine-tuning epochs; give another -o "
+                       f"for --finetune-epochs {args.finetune_epochs}")
     needed = sorted({ARMS[a][1] for a in args.arms if ARMS[a][1]})
     if "checkpoint" in needed:
         if not args.checkpoint or not isfile(args.checkpoint):
@@ -218,7 +230,8 @@ def main(argv=None):
         os.makedirs(env[k], exist_ok=True)
     env.update({"nnUNet_compile": "0", "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", "2")})
     t0 = time.time()
-    print(f"transfer benchmark in {root} (log: {log_file})", flush=True)
+    print(f"transfer benchmark in {root} (log: {log_file}); fine-tuning {args.finetune_epochs} x 10 iterations",
+          flush=True)
     names = prepare(root, args.targets, env, log_file)
     for r in range(args.repeats):
         if all(len(results.get(t, {}).get(a, [])) > r for t in args.targets for a in args.arms):
@@ -236,7 +249,7 @@ def main(argv=None):
                     continue
                 trainer, key = ARMS[arm]
                 res = finetune_and_score(names[t], trainer, ckpts.get(key), env, log_file, seed=2000 + r,
-                                         device=args.device)
+                                         device=args.device, epochs=args.finetune_epochs)
                 done.append(res)
                 print(f"[{time.time() - t0:6.0f} s] repeat {r + 1}/{args.repeats} {t:6s} {arm:24s} test Dice "
                       f"{res['test_dice']:.3f}  pseudo Dice per epoch "
