@@ -10,7 +10,8 @@ Phantom targets (evidence about the pipeline, not about real tumours):
   alone: the one target measured so far where an untrained encoder does not already separate the tumour
   (linear probe, average precision 0.25-0.42 against 0.90-0.94 on ``faint``; BENCHMARKS.md, "Why the
   benchmark's targets show no head start"), so the one where pre-training has room to help; at the demo's
-  30 iterations no arm learns it in two pairs of three, so it needs a longer schedule to compare.
+  30 iterations no arm learns it in two pairs of three, so it needs a longer schedule to compare (at 100,
+  ``--finetune-epochs 10``, scratch reaches 0.47-0.69).
 Each repeat pre-trains with the demo's settings (3 x 10 steps of 8 cubes of 32^3, otherwise
 ``nnunet_sar_pretrain``'s defaults; sources: the demo's CT and MRI phantoms) once per pre-training arm (``sar_checkpoint``:
 the ``--checkpoint`` given, in every repeat), then fine-tunes every arm with the demo's schedule
