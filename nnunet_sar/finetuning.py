@@ -6,6 +6,7 @@ configuration (variant ``pretraining_variant``), verifying every tensor and logg
 loaded and from where. Nothing is frozen. The named trainers live in ``trainers/`` (installed into
 nnU-Net's trainer folder) and are one or two lines each.
 """
+import os
 from os.path import join
 
 import torch
@@ -112,7 +113,6 @@ def transfer_check_summary(checkpoint_file: str) -> str | None:
     """One line on what the pre-training run's transfer check measured (transfer_check.json beside the
     checkpoint), or None when there is none."""
     import json
-    import os
     fname = os.path.join(os.path.dirname(os.path.abspath(checkpoint_file)), "transfer_check.json")
     if not os.path.isfile(fname):
         return None
@@ -135,7 +135,6 @@ def seed_everything(seed: int) -> None:
 
 def demo_epochs() -> int:
     """The demo schedule's number of epochs: 3, or ``nnUNet_SAR_demo_epochs``."""
-    import os
     value = os.environ.get("nnUNet_SAR_demo_epochs", "3")
     if not value.isdigit() or int(value) < 1:
         raise SARError(f"nnUNet_SAR_demo_epochs={value!r}: expected a whole number of epochs >= 1")
@@ -161,7 +160,6 @@ class DemoSchedule:
         self.num_val_iterations_per_epoch = 3
 
     def _seed(self):
-        import os
         if os.environ.get("nnUNet_SAR_seed"):
             seed_everything(int(os.environ["nnUNet_SAR_seed"]))
 

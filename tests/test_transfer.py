@@ -171,7 +171,8 @@ def test_demo_schedule_length_from_the_environment(planned_target, tiny_plans, m
 
     def trainer(name):
         return get_trainer_from_args(TARGET, "3d_fullres", 0, name, tiny_plans, device=torch.device("cpu"))
-    assert (trainer("nnUNetTrainerSAR_demo").num_epochs, trainer("nnUNetTrainerSAR_demo").warmup_iterations) == (3, 2)
+    tr = trainer("nnUNetTrainerSAR_demo")
+    assert (tr.num_epochs, tr.warmup_iterations) == (3, 2)
     monkeypatch.setenv("nnUNet_SAR_demo_epochs", "40")
     assert trainer("nnUNetTrainer_demo").num_epochs == 40
     tr = trainer("nnUNetTrainerSAR_demo")
