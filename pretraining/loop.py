@@ -173,9 +173,8 @@ class SARPretrainer:
             settings.dataset, settings.plans_identifier, settings.configuration)
         self.dataset_name = self.plans_manager.dataset_name
         self.patch_size = list(settings.patch_size or self.configuration_manager.patch_size)
-        strides = self.configuration_manager.network_arch_init_kwargs["strides"]
         try:
-            self.objective = cls(settings, self.patch_size, strides)
+            self.objective = cls(settings, self.patch_size)
         except ValueError as e:
             raise SARError(f"--objective {settings.objective}: {e}") from None
         self.run_name = self.objective.run_name
@@ -280,10 +279,10 @@ class SARPretrainer:
         if obj.transfers != "all":
             self.print_to_log_file(f"'{obj.name}' trains the encoder only: fine-tuning takes the encoder, the decoder "
                                    f"keeps nnU-Net's initialisation")
+        if continue_training:  # first: a refused resume leaves the run's settings.json as it was
+            self.load_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
         if self.rank == 0:
             save_json(self.settings_dict(), join(self.output_folder, "settings.json"), sort_keys=False)
-        if continue_training:
-            self.load_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
 
     def param_groups(self) -> list:
         """One optimizer group per part: the U-Net at --lr-unet, every head the objective adds at its own rate."""
@@ -529,8 +528,14 @@ class SARPretrainer:
         encoder = encoder_keys(self.sar_network.unet)
         return sorted(k for k in weights if k in encoder)
 
+    # what a resumed run must share with its checkpoint: the network and its task, the cubes (sources, seed, split,
+    # counts, corruptions; the validation loss the plateau and the best checkpoint compare) and the optimisation
+    # (a new rate would be overwritten by the restored optimizer). Epochs, device and workers may change.
     RESUME_MUST_MATCH = ("objective", "variant", "objective_options", "norm", "restoration_target", "intensity",
-                         "modalities", "adversarial", "scale_loss", "patch_size", "batch_size")
+                         "modalities", "adversarial", "scale_loss", "patch_size", "batch_size", "sources", "seed",
+                         "val_fraction", "val_cubes_per_volume", "cubes_per_volume", "cubes_per_source", "corruptions",
+                         "alpha", "beta", "adv_weight", "optimizer", "lr_unet", "lr_scale", "lr_disc", "momentum",
+                         "plateau_patience", "plateau_factor")
 
     def load_checkpoint(self, fname: str):
         ckpt = load_checkpoint_file(fname)

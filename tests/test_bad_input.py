@@ -425,16 +425,23 @@ def test_checkpoint_saved_on_a_gpu_opens_on_the_cpu(tiny_plans, tmp_path, monkey
     assert torch.equal(trainer.network.state_dict()[key], ckpt["network_weights"][key])
 
 
-def test_continue_from_a_gpu_checkpoint_on_the_cpu(tiny_plans, tmp_path, monkeypatch):
-    """--continue reads checkpoint_latest.pth with map_location='cpu' as well."""
+def _one_epoch_run(tiny_plans, tmp_path, monkeypatch):
+    """(settings of a tiny pre-training but its epochs, the trainer after one epoch of one step)."""
     from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
-    import torch.serialization
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     kw = dict(dataset=TARGET, sources=[str(i) for i in SOURCE_IDS], plans_identifier=tiny_plans, device="cpu",
               batch_size=4, patch_size=[16, 16, 16], iters_per_epoch=1)
     t = SARPretrainer(PretrainSettings(epochs=1, **kw))
     t.initialize()
     t.run_training()
+    return kw, t
+
+
+def test_continue_from_a_gpu_checkpoint_on_the_cpu(tiny_plans, tmp_path, monkeypatch):
+    """--continue reads checkpoint_latest.pth with map_location='cpu' as well."""
+    from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
+    import torch.serialization
+    kw, t = _one_epoch_run(tiny_plans, tmp_path, monkeypatch)
     latest = join(t.output_folder, "checkpoint_latest.pth")
     ckpt = torch.load(latest, map_location="cpu", weights_only=False)
     with monkeypatch.context() as m:
@@ -444,5 +451,26 @@ def test_continue_from_a_gpu_checkpoint_on_the_cpu(tiny_plans, tmp_path, monkeyp
     resumed.initialize(continue_training=True)
     assert resumed.current_epoch == 1
     key = "encoder.stages.0.0.convs.0.conv.weight"
-    assert torch.equal(resumed.sar_network.unet.state_dict()[key] if hasattr(resumed, "sar_network")
-                       else resumed.network.unet.state_dict()[key], ckpt["network_weights"][key])
+    assert torch.equal(resumed.sar_network.unet.state_dict()[key], ckpt["network_weights"][key])
+
+
+def test_continue_with_other_settings_is_refused_and_keeps_the_runs_record(tiny_plans, tmp_path, monkeypatch):
+    """--continue with another learning rate, seed or corruption rate would resume another run than the one
+    the checkpoint holds (the restored optimizer overrides a new rate; a new seed changes the validation cubes
+    the plateau and the best checkpoint compare): refused, naming the setting, and settings.json stays the
+    record of what was trained. More epochs are allowed."""
+    from nnunet_sar import SARError
+    from nnunet_sar.pretraining.loop import PretrainSettings, SARPretrainer
+    kw, t = _one_epoch_run(tiny_plans, tmp_path, monkeypatch)
+    record = join(t.output_folder, "settings.json")
+    before = open(record).read()
+    for change, needle in (({"lr_unet": 0.5}, "lr_unet: checkpoint 0.01, now 0.5"), ({"seed": 7}, "seed"),
+                           ({"corruptions": {**t.s.corruptions, "paint_p": 0.0}}, "corruptions"),
+                           ({"optimizer": "adam"}, "optimizer")):
+        with pytest.raises(SARError, match=needle):
+            SARPretrainer(PretrainSettings(epochs=2, **kw, **change)).initialize(continue_training=True)
+        assert open(record).read() == before, change
+    resumed = SARPretrainer(PretrainSettings(epochs=2, **kw))
+    resumed.initialize(continue_training=True)
+    assert resumed.current_epoch == 1 and '"epochs": 2' in open(record).read()
+
