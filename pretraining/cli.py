@@ -50,6 +50,31 @@ def _key_value(text: str) -> tuple[str, float]:
     return key, p
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``. Zero or a negative size would otherwise be taken for "the
+    default" (``--batch-size 0``) or fail deep in the loop after the sources' preprocessing."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {minimum}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """--val-fraction: a share in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: a share of the source cases must lie in [0, 1)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES
     from nnunet_sar.pretraining.loop import ADAM_LRS, OPTIMIZERS, PretrainSettings
@@ -83,22 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     setting("transform_on", choices=["loader", "device"], text="where the objective's cube transforms (corruptions, masks, rotations) run: in the data loader "
                         "or batched on the training device; the same per-cube seeds either way [%(default)s]")
     add_objective_options(p)
-    setting("epochs", "[%(default)s]")
-    p.add_argument("--iters-per-epoch", type=int, default=None,
+    setting("epochs", "[%(default)s]", type=_at_least(1))
+    p.add_argument("--iters-per-epoch", type=_at_least(1), default=None,
                    help="iterations per epoch [all cubes of --cubes-per-volume for every training volume]")
-    p.add_argument("--batch-size", type=int, default=None, help="[the plans' batch size]")
-    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+    p.add_argument("--batch-size", type=_at_least(1), default=None, help="[the plans' batch size]")
+    p.add_argument("--patch-size", type=_at_least(1), nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="input cube size in nnU-Net's axis order, e.g. the paper's 32 64 64 (its 64x64x32 is x, y, z) "
                         "[the plans' patch size]")
-    p.add_argument("--cubes-per-volume", type=int, nargs=3, default=d.cubes_per_volume, metavar=("L", "M", "S"),
+    p.add_argument("--cubes-per-volume", type=_at_least(0), nargs=3, default=d.cubes_per_volume, metavar=("L", "M", "S"),
                    help="cubes per volume and epoch at 1/2, 1/4, 1/8 of the side, for sources without their own "
                         "(Table 1: LUNA16 and BraTS 16 16 32, LiTS and MSD Heart 32 32 64) [16 16 32]")
-    p.add_argument("--val-cubes-per-volume", type=int, nargs=3, default=d.val_cubes_per_volume, metavar=("L", "M", "S"),
+    p.add_argument("--val-cubes-per-volume", type=_at_least(0), nargs=3, default=d.val_cubes_per_volume, metavar=("L", "M", "S"),
                    help="fixed validation cubes per held-out volume (the paper gives no number) [2 2 4]")
     p.add_argument("--corruption", nargs="+", default=[], metavar="KEY=P", type=_key_value,
                    help="override Models Genesis' corruption rates: " + " ".join(
                        f"{k}={v}" for k, v in GENESIS_PROBABILITIES.items()))
-    setting("val_fraction", "share of source cases held out for the validation loss [%(default)s]")
+    setting("val_fraction", "share of source cases held out for the validation loss [%(default)s]", type=_fraction)
     setting("alpha", "weight of L_scale (paper: 1) [%(default)s]")
     setting("beta", "weight of L_res (paper: 10) [%(default)s]")
     setting("adv_weight", "gradient-reversal weight of L_adv on the encoder; 0 trains M as a probe only [%(default)s]")
@@ -108,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting("lr_scale", "learning rate of S (paper: 0.1) [%(default)s with sgd]")
     setting("lr_disc", "learning rate of M (paper: 1e-3) [%(default)s with sgd]")
     setting("momentum", "SGD momentum of every part [%(default)s]")
-    setting("plateau_patience", "ReduceLROnPlateau patience")
-    p.add_argument("--num-workers", type=int, default=None,
+    setting("plateau_patience", "ReduceLROnPlateau patience", type=_at_least(0))
+    p.add_argument("--num-workers", type=_at_least(0), default=None,
                    help="data loading worker processes [nnUNet_n_proc_DA, else 4 on a GPU and 0 on the CPU]")
     p.add_argument("--cache-dir", default=None, help="preprocessed sources [$nnUNet_preprocessed/nnUNetSAR_sources]")
     setting("norm", choices=["batch", "instance"], text="normalisation while pre-training: the plans' own (instance norm, what nnU-Net fine-tunes) or batch "
@@ -126,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "target's CT parameters, MRI z-scored over its non-zero voxels) [%(default)s]")
     setting("seed", "[%(default)s]")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="[%(default)s]")
-    p.add_argument("-num_gpus", type=int, default=1,
+    p.add_argument("-num_gpus", type=_at_least(1), default=1,
                    help="DDP processes on this node, as nnUNetv2_train's -num_gpus (with -device cpu: gloo processes); "
                         "or start with torchrun [%(default)s]")
     p.add_argument("--continue", dest="continue_training", action="store_true",
@@ -210,7 +235,11 @@ def settings_from_args(argv=None):
     args.sources, own_counts = split_cube_counts(args.sources)
     workers = args.num_workers
     if workers is None:
-        workers = int(os.environ.get("nnUNet_n_proc_DA", 4 if args.device == "cuda" else 0))
+        workers = os.environ.get("nnUNet_n_proc_DA", "4" if args.device == "cuda" else "0")
+        try:
+            workers = _at_least(0)(workers)
+        except argparse.ArgumentTypeError as e:
+            build_parser().error(f"environment variable nnUNet_n_proc_DA={workers!r}: {e}")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainSettings) if hasattr(args, f.name)}
     settings = PretrainSettings(**{
         **values, "num_workers": workers, "cubes_per_source": {**args.cubes_per_source, **own_counts},

@@ -474,3 +474,27 @@ def test_continue_with_other_settings_is_refused_and_keeps_the_runs_record(tiny_
     resumed.initialize(continue_training=True)
     assert resumed.current_epoch == 1 and '"epochs": 2' in open(record).read()
 
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--batch-size", "0", "expected an integer >= 1"), ("--iters-per-epoch", "-1", "expected an integer >= 1"),
+    ("--epochs", "0", "expected an integer >= 1"), ("--val-fraction", "1.5", "must lie in [0, 1)"),
+    ("--patch-size", "x", "'x' is not an integer")])
+def test_numbers_out_of_range_are_refused_by_the_parser(flag, value, needle, capsys):
+    """Before: --batch-size 0 or --iters-per-epoch 0 silently meant "the default", --val-fraction 1.5 and a
+    negative count failed with a traceback after the sources' preprocessing."""
+    from nnunet_sar.pretraining.cli import settings_from_args
+    extra = [value, "16", "16"] if flag == "--patch-size" else [value]
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["-d", TARGET, "--sources", "1", flag, *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and needle in err and "Traceback" not in err, err
+
+
+def test_bad_worker_count_in_the_environment_names_the_variable(monkeypatch, capsys):
+    from nnunet_sar.pretraining.cli import settings_from_args
+    monkeypatch.setenv("nnUNet_n_proc_DA", "two")
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(["-d", TARGET, "--sources", "1", "-device", "cpu"])
+    assert e.value.code == 2 and "nnUNet_n_proc_DA='two'" in capsys.readouterr().err
+
