@@ -30,6 +30,10 @@ class SARInitialisation:
         super().initialize()
         if was_initialized:
             return
+        if getattr(self, "_loading_fold_checkpoint", False):
+            self.print_to_log_file("SAR: resuming from the fold's own checkpoint (it replaces every weight); the "
+                                   "pre-training checkpoint is not read")
+            return
         fname = find_pretrained_checkpoint(self.plans_manager.dataset_name, self.pretraining_variant,
                                            self.plans_manager.plans_name, self.configuration_name,
                                            plans=self.plans_manager.plans)
@@ -40,6 +44,16 @@ class SARInitialisation:
         report = transfer_check_summary(fname)
         if report:
             self.print_to_log_file(report)
+
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnUNetv2_train --c and --val load the fold's checkpoint, which nnU-Net starts by calling initialize():
+        the pre-training file is then neither loaded nor needed (it may have moved since the fold began)."""
+        self._loading_fold_checkpoint = True
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            self._loading_fold_checkpoint = False
 
 
 class LearningRateWarmup:
@@ -107,6 +121,8 @@ class LearningRateWarmup:
             for group in self.optimizer.param_groups:
                 frozen = phase == 0 and group.get("name") == "encoder"
                 group["lr"] = 0.0 if frozen else self.initial_lr * (k + 1) / w
+        elif iteration == w * (2 if self.warmup == "sawtooth" else 1):
+            self.lr_scheduler.step(self.current_epoch)  # ended mid-epoch: poly's rate for the rest of it
 
 
 def transfer_check_summary(checkpoint_file: str) -> str | None:
@@ -141,6 +157,14 @@ def demo_epochs() -> int:
     return int(value)
 
 
+def demo_seed() -> int | None:
+    """``nnUNet_SAR_seed``, or None when it is not set."""
+    value = os.environ.get("nnUNet_SAR_seed", "")
+    if value and not value.isdigit():
+        raise SARError(f"nnUNet_SAR_seed={value!r}: expected a whole number >= 0")
+    return int(value) if value else None
+
+
 class DemoSchedule:
     """A few short epochs, for nnunet_sar_demo and the tests on a CPU. (nnU-Net records the arguments
     of ``__init__`` by signature, so it must be spelled out.)
@@ -156,12 +180,13 @@ class DemoSchedule:
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = demo_epochs()
+        self.sar_seed = demo_seed()
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 3
 
     def _seed(self):
-        if os.environ.get("nnUNet_SAR_seed"):
-            seed_everything(int(os.environ["nnUNet_SAR_seed"]))
+        if self.sar_seed is not None:
+            seed_everything(self.sar_seed)
 
     def initialize(self):
         if not self.was_initialized:

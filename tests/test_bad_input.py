@@ -498,3 +498,28 @@ def test_bad_worker_count_in_the_environment_names_the_variable(monkeypatch, cap
         settings_from_args(["-d", TARGET, "--sources", "1", "-device", "cpu"])
     assert e.value.code == 2 and "nnUNet_n_proc_DA='two'" in capsys.readouterr().err
 
+
+def test_resuming_or_validating_a_fold_does_not_need_the_pretraining_file(tiny_plans, tmp_path, monkeypatch):
+    """nnUNetv2_train --c and --val load the fold's own checkpoint through nnU-Net's load_checkpoint, which first
+    calls initialize(): the fold's weights replace every pre-trained one, so the pre-training file may have moved
+    since the fold began (before, initialize() looked for it again and stopped). A new fold still needs it."""
+    from nnunet_sar import SARError
+    from nnunet_sar.checkpoint import CHECKPOINT_ENV
+    pre = str(tmp_path / "pre.pth")
+    _checkpoint_for(tiny_plans, "nnUNetPlans", "3d_fullres", pre)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv(CHECKPOINT_ENV, pre)
+    trainer = _sar_trainer()
+    trainer.initialize()
+    with torch.no_grad():  # a fold's weights: neither the pre-trained ones nor a fresh initialisation
+        for p in trainer.network.parameters():
+            p.add_(0.5)
+    fold_checkpoint = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(fold_checkpoint)
+    os.remove(pre)
+    resumed = _sar_trainer()
+    resumed.load_checkpoint(fold_checkpoint)  # what nnU-Net's maybe_load_checkpoint does for --c and --val
+    mine = resumed.network.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in trainer.network.state_dict().items())
+    with pytest.raises(SARError, match="pre.pth"):
+        _sar_trainer().initialize()

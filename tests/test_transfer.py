@@ -121,9 +121,12 @@ def test_warmup_schedules(planned_target, tiny_plans):
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     lrs = {}
-    for name in ("nnUNetTrainerSAR", "nnUNetTrainerSAR_sawtooth", "nnUNetTrainerSAR_noWarmup"):
-        tr = get_trainer_from_args(TARGET, "3d_fullres", 0, name, tiny_plans, device=torch.device("cpu"))
+    for name in ("midEpoch", "nnUNetTrainerSAR", "nnUNetTrainerSAR_sawtooth", "nnUNetTrainerSAR_noWarmup"):
+        tr = get_trainer_from_args(TARGET, "3d_fullres", 0, "nnUNetTrainerSAR" if name == "midEpoch" else name,
+                                   tiny_plans, device=torch.device("cpu"))
         tr.num_epochs, tr.num_iterations_per_epoch = 4, 25
+        if name == "midEpoch":  # a warm-up of 30 iterations ends 5 iterations into epoch 1
+            tr.warmup_fraction = 0.3
         nnUNetTrainer.initialize(tr)  # network and optimizer as nnU-Net builds them; no weights needed here
         seen = []
         for epoch in range(tr.num_epochs):
@@ -141,6 +144,9 @@ def test_warmup_schedules(planned_target, tiny_plans):
     assert all(enc == 0 and dec == pytest.approx(1e-2 * (k + 1) / w) for k, (enc, dec) in enumerate(saw[:w]))
     assert all(enc == dec == pytest.approx(1e-2 * (k + 1) / w) for k, (enc, dec) in enumerate(saw[w:2 * w]))
     assert lrs["nnUNetTrainerSAR_noWarmup"][0][0] == pytest.approx(1e-2)
+    mid = [g[0] for g in lrs["midEpoch"]]
+    assert mid[29] == pytest.approx(1e-2)  # the warm-up's last iteration
+    assert mid[30:50] == pytest.approx([1e-2 * (1 - 1 / 4) ** 0.9] * 20)  # the rest of epoch 1: poly's, not the peak
     tr.num_epochs, tr.num_iterations_per_epoch = 3, 10  # the demo's schedule: proportional, no minimum of 5
     assert tr.warmup_iterations == 2
     tr.num_epochs, tr.num_iterations_per_epoch = 1000, 250  # nnU-Net's: 50 epochs
@@ -165,7 +171,7 @@ def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results
 
 def test_demo_schedule_length_from_the_environment(planned_target, tiny_plans, monkeypatch):
     """nnUNet_SAR_demo_epochs (the transfer benchmark's --finetune-epochs) lengthens every demo-schedule trainer,
-    the warm-up in proportion; a bad value is one error that names the variable."""
+    the warm-up in proportion; a bad value (of it or of nnUNet_SAR_seed) is one error that names the variable."""
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunet_sar import SARError
 
@@ -179,6 +185,10 @@ def test_demo_schedule_length_from_the_environment(planned_target, tiny_plans, m
     assert (tr.num_epochs, tr.num_iterations_per_epoch, tr.warmup_iterations) == (40, 10, 20)
     monkeypatch.setenv("nnUNet_SAR_demo_epochs", "0")
     with pytest.raises(SARError, match="nnUNet_SAR_demo_epochs='0'"):
+        trainer("nnUNetTrainer_demo")
+    monkeypatch.setenv("nnUNet_SAR_demo_epochs", "3")
+    monkeypatch.setenv("nnUNet_SAR_seed", "seven")
+    with pytest.raises(SARError, match="nnUNet_SAR_seed='seven'"):
         trainer("nnUNetTrainer_demo")
 
 
