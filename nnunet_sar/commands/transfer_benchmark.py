@@ -34,7 +34,8 @@ import time
 from os.path import isfile, join
 
 from nnunet_sar import SARError, console_main
-from nnunet_sar.commands.demo import PRETRAINING, _exe  # the demo's pre-training and console-script lookup
+from nnunet_sar.commands.demo import PRETRAINING, SOURCES, _exe  # the demo's pre-training, sources, script lookup
+from nnunet_sar.files import atomic_write
 
 # arm: (fine-tuning trainer, pre-training run it starts from or None)
 ARMS = {
@@ -77,7 +78,6 @@ TARGETS = {  # name: (id, num_training, num_test, contrast, texture, seed)
     "bright": (912, 5, 6, 1.0, 0.25, 22),
     "texture": (914, 5, 6, 0.0, 0.25, 23),
 }
-SOURCES = ((902, "SARPhantomCT", "CT"), (903, "SARPhantomMRI", "MRI"))
 
 
 def _run(cmd: list, env: dict, log_file: str) -> None:
@@ -165,6 +165,22 @@ def finetune_and_score(target: str, trainer: str, checkpoint: str | None, env: d
             "train_loss_per_epoch": [float(x) for x in log["train_losses"]]}
 
 
+def _load_results(fname: str) -> dict:
+    if not isfile(fname):
+        return {}
+    try:
+        with open(fname) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SARError(f"cannot read the results of earlier repeats in {fname} ({e}); move it away to start again "
+                       f"in this folder") from None
+
+
+def _save_results(results: dict, fname: str) -> None:
+    """Atomically, after every arm: a kill mid-write keeps the previous complete file, so a rerun continues."""
+    atomic_write(fname, lambda f: f.write(json.dumps(results, indent=1).encode()))
+
+
 def _mean_sd(xs):
     return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -211,7 +227,7 @@ def main(argv=None):
     root = os.path.abspath(args.output or tempfile.mkdtemp(prefix="nnunet_sar_transfer_benchmark_"))
     log_file = join(root, "benchmark_log.txt")
     out_json = join(root, "transfer_benchmark.json")
-    results = json.load(open(out_json)) if isfile(out_json) else {}  # a rerun in the same folder continues
+    results = _load_results(out_json)  # a rerun in the same folder continues
     if args.finetune_epochs < 1:
         raise SARError(f"--finetune-epochs {args.finetune_epochs}: expected >= 1")
     # a new folder takes the flag's length; one written before the flag has the demo's 3
@@ -255,12 +271,12 @@ def main(argv=None):
                 print(f"[{time.time() - t0:6.0f} s] repeat {r + 1}/{args.repeats} {t:6s} {arm:24s} test Dice "
                       f"{res['test_dice']:.3f}  pseudo Dice per epoch "
                       f"{' '.join(f'{d:.2f}' for d in res['pseudo_dice_per_epoch'])}", flush=True)
-                json.dump(results, open(out_json, "w"), indent=1)
+                _save_results(results, out_json)
     text = table(results, args.arms, args.targets)
     print("\n" + text)
     print(f"\ndone in {time.time() - t0:.0f} s; phantom targets: evidence about the pipeline, not about tumours")
     if args.json:
-        json.dump(results, open(args.json, "w"), indent=1)
+        _save_results(results, args.json)
 
 
 if __name__ == "__main__":
