@@ -21,11 +21,12 @@ import os
 from os.path import abspath, isdir, isfile, join
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_sar import SARError, __version__, console_main, one_line
 from nnunet_sar.checkpoint import (CHECKPOINT_ENV, NNSSL_PLAN, PRETRAINED_FROM, atomic_save, encoder_keys,
                                    load_checkpoint_file, pointed_checkpoint, transferable_weights)
+from nnunet_sar.files import atomic_write
 from nnunet_sar.network import build_network, build_target_network, dataset_name, load_plans, preprocessed_folder
 
 CITATION = ("Zhang X, Feng S, Zhou Y, Zhang Y, Wang Y. SAR: Scale-Aware Restoration Learning for 3D Tumor "
@@ -48,7 +49,8 @@ def use_pretraining(target: str, plans_identifier: str, source: str, source_plan
     n = len(transferable_weights(network, fname, log=lambda *a: None, parts="encoder"))
     plans = load_json(plans_file)
     plans[PRETRAINED_FROM] = pointer
-    save_json(plans, plans_file, sort_keys=False)
+    # the plans nnU-Net trains from: a failed write must leave them whole
+    atomic_write(plans_file, lambda f: f.write(json.dumps(plans, indent=4).encode()), what="the plans ")
     return fname, n
 
 

@@ -267,7 +267,16 @@ def test_convert_brats2018_target_and_source(tmp_path, nnunet_folders, capsys):
     vols = list_source_images("Dataset852_BraTS2018src")
     assert len(vols) == 8 and {v[2] for v in vols} == {"Brats18_A_1", "Brats18_A_2"}
     assert {v[4] for v in vols} == {"MRI"} and sorted({v[3] for v in vols}) == [0, 1, 2, 3]
-    # clear one-line errors
+    # clear one-line errors; a corrupt file stops --overwrite before the dataset it would replace is removed
+    broken = brats / "HGG/Brats18_A_2/Brats18_A_2_seg.nii.gz"
+    good = broken.read_bytes()
+    broken.write_bytes(good[:40])
+    with pytest.raises(SystemExit) as e:
+        main_convert_brats2018(["-i", str(brats), "-d", "851", "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "cannot read" in err and str(broken) in err and err.count("\n") == 0
+    assert json.load(open(join(out, "dataset.json")))["numTraining"] == 3 and len(os.listdir(join(out, "labelsTr"))) == 3
+    broken.write_bytes(good)
     os.remove(brats / "LGG/Brats18_B_1/Brats18_B_1_seg.nii.gz")
     with pytest.raises(SystemExit) as e:
         main_convert_brats2018(["-i", str(brats), "-d", "853"])

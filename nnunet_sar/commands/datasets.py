@@ -74,6 +74,22 @@ def _short_list(items, n=5) -> str:
     return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
+def _check_headers(files, hint: str = "") -> None:
+    """Every file a 3D single-channel image, read before anything is written (or an old dataset removed by
+    --overwrite): a SARError names the first that is not."""
+    import SimpleITK as sitk
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise SARError(f"cannot read {f}: {one_line(e)[-200:]}") from None
+        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+            raise SARError(f"{f} is not a 3D single-channel image ({reader.GetDimension()}D, "
+                           f"{reader.GetNumberOfComponents()} components){hint}")
+
+
 # ------------------------------------------------------------------------------------------ BraTS 2018
 def find_brats2018_cases(folder: str, sequences=BRATS_SEQUENCES, need_seg: bool = True) -> dict:
     """``{case: {sequence or 'seg': file}}`` of a BraTS 2018 training folder (``HGG/`` and ``LGG/`` with
@@ -128,6 +144,7 @@ def convert_brats2018(folder: str, dataset_id: int, name: str | None = None, as_
     if not keep:
         raise SARError(f"no BraTS cases left after excluding {len(excluded)}")
     name = name or ("BraTS2018src" if as_source else "BraTS2018FLAIR")
+    _check_headers([cases[c][s] for c in keep for s in (BRATS_SEQUENCES if as_source else ("flair", "seg"))])
     out = _raw_dataset_folder(dataset_id, name, overwrite)
     images = join(out, "imagesTr")
     if as_source:
@@ -265,17 +282,7 @@ def convert_source(folder: str, dataset_id: int, name: str, modality: str, overw
     if modality not in ("CT", "MRI"):
         raise SARError(f"modality must be CT or MRI, got {modality!r}")
     layout, files = find_source_images(folder, subsets)
-    for f in files:  # check all headers before writing anything
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(f)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as e:
-            raise SARError(f"cannot read {f}: {one_line(e)[-200:]}") from None
-        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
-            raise SARError(f"{f} is not a 3D single-channel image ({reader.GetDimension()}D, "
-                           f"{reader.GetNumberOfComponents()} components); for multi-channel MSD tasks use "
-                           f"nnUNetv2_convert_MSD_dataset")
+    _check_headers(files, "; for multi-channel MSD tasks use nnUNetv2_convert_MSD_dataset")
     names = [_case_name(f) for f in files]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
