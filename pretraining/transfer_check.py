@@ -76,7 +76,7 @@ def objective_of(settings: dict):
     ps = PretrainSettings(**{"restoration_target": "absolute",  # runs from before the option: a sigmoid output
                              **{k: v for k, v in settings.items() if k in known}})
     ps.objective = settings.get("objective", "sar")
-    obj = objective_class(ps.objective)(ps, settings["patch_size"], None)
+    obj = objective_class(ps.objective)(ps, settings["patch_size"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run warned already
         obj.setup(settings["modalities"], settings["batch_size"])

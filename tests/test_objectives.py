@@ -43,13 +43,13 @@ def test_sar_objective_arithmetic_on_hand_made_inputs():
     nnunet; the default standardised output read back with each clean cube's mean and std."""
     from nnunet_sar.pretraining.loop import PretrainSettings
     from nnunet_sar.pretraining.objectives.sar import SAR, sar_terms
-    unit = SAR(PretrainSettings(dataset="", sources=[], restoration_target="absolute"), [2, 2, 2], None)
+    unit = SAR(PretrainSettings(dataset="", sources=[], restoration_target="absolute"), [2, 2, 2])
     restored = torch.zeros(2, 1, 2, 2, 2)            # sigmoid(0) = 0.5 everywhere
     target = torch.ones(2, 1, 2, 2, 2)               # L_res = (1 - 0.5)^2 = 0.25
     res = unit.restoration_error(unit.restoration(restored, target), target)
     assert float(res) == pytest.approx(0.25)
     nnunet = SAR(PretrainSettings(dataset="", sources=[], intensity="nnunet", restoration_target="absolute"),
-                 [2, 2, 2], None)
+                 [2, 2, 2])
     maps = torch.tensor([[0, 1, 0, 2.0, 0], [0, 1, 0, 0.5, 0]])  # scales 2 and 0.5: errors x 4 and x 0.25
     linear = nnunet.restoration_error(nnunet.restoration(restored, target), target, maps)  # (1 - 0)^2 per voxel
     assert float(linear) == pytest.approx((4 + 0.25) / 2)
@@ -58,7 +58,7 @@ def test_sar_objective_arithmetic_on_hand_made_inputs():
     assert float(nnunet.restoration_error(restored, target, maps, mask)) == pytest.approx(4.0)
     # standardised (the default): output 0 is each clean cube's mean; the standardised cube restores it exactly;
     # an error of 1 standard deviation everywhere costs the cube's variance (window units, unbiased std)
-    std = SAR(PretrainSettings(dataset="", sources=[]), [2, 2, 2], None)
+    std = SAR(PretrainSettings(dataset="", sources=[]), [2, 2, 2])
     assert std.s.restoration_target == "standardised"
     clean = torch.tensor([0., 0., 0., 0., 1., 1., 1., 1.]).view(1, 1, 2, 2, 2) * torch.tensor([1., 3.]).view(2, 1, 1, 1, 1)
     mean, sd = clean.flatten(1).mean(1).view(2, 1, 1, 1, 1), clean.flatten(1).std(1).view(2, 1, 1, 1, 1)

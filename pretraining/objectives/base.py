@@ -37,12 +37,11 @@ class Objective(abc.ABC):
     label_keys: tuple = ()        # item keys the transforms add (labels)
     trainer: str = ""             # the nnUNetTrainer that fine-tunes from its checkpoint (trainers/)
 
-    def __init__(self, settings, input_size: list, strides):
+    def __init__(self, settings, input_size: list):
         self.s = settings
         self.modalities: list = []
         self.batch_size = settings.batch_size
         self.input_size = [int(p) for p in input_size]
-        self.strides = strides
         options = dict(getattr(settings, "objective_options", None) or {})
         if self.Settings is None:
             if options:

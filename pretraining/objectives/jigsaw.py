@@ -54,8 +54,8 @@ class Jigsaw(Objective):
     Settings = JigsawSettings
     label_keys = ("permutation",)
 
-    def __init__(self, settings, input_size, strides):
-        super().__init__(settings, input_size, strides)
+    def __init__(self, settings, input_size):
+        super().__init__(settings, input_size)
         self.permutations = max_hamming_permutations(self.options.permutations, 27, self.options.permutation_seed)
         self.chance = 1 / self.options.permutations
 

@@ -81,8 +81,8 @@ class SAR(Objective):
     restores = True
     fixed_variant = None  # genesis.py: always the 'genesis' variant
 
-    def __init__(self, settings, input_size, strides):
-        super().__init__(settings, input_size, strides)
+    def __init__(self, settings, input_size):
+        super().__init__(settings, input_size)
         name = self.fixed_variant or settings.variant or "sar"
         if self.fixed_variant and settings.variant not in (None, self.fixed_variant, "sar"):
             raise ValueError(f"--objective {self.name} has no variant {settings.variant!r}")
