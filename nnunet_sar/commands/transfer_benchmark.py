@@ -56,6 +56,8 @@ ARMS = {
     "sar_nnunetIntensity": ("nnUNetTrainerSAR_demo", "sar_nnunet"),
     "sar_absolute": ("nnUNetTrainerSAR_demo", "sar_absolute"),  # Models Genesis' absolute restoration target
     "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),  # control: warm-up and a fresh encoder, nothing pre-trained
+    "sar_lr0_noWarmup": ("nnUNetTrainerSAR_noWarmup_demo", "sar_lr0"),  # the control less its warm-up: the encoder
+    # draw alone against scratch
     "sar_300steps": ("nnUNetTrainerSAR_demo", "sar_300steps"),  # ten times the demo's pre-training
     "sar_adam": ("nnUNetTrainerSAR_demo", "sar_adam"),  # pre-trained with Adam at its default rates
     "sar_noInvert": ("nnUNetTrainerSAR_demo", "sar_noInvert"),  # no cube turned upside down by the non-linear map
