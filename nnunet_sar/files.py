@@ -1,4 +1,5 @@
 """Writing files so that a reader never sees half of one: the one atomic-write helper of the package."""
+import json
 import os
 from os.path import join
 
@@ -25,6 +26,11 @@ def atomic_write(fname: str, writer, error=SARError, what: str = "") -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_json(fname: str, obj, indent: int = 4, what: str = "") -> None:
+    """``obj`` as JSON (nnU-Net's indent, keys in their order), through ``atomic_write``."""
+    atomic_write(fname, lambda f: f.write(json.dumps(obj, indent=indent).encode()), what=what)
 
 
 def _remove_stale_temp_files(fname: str) -> None:

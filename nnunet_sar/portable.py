@@ -26,7 +26,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunet_sar import SARError, __version__, console_main, one_line
 from nnunet_sar.checkpoint import (CHECKPOINT_ENV, NNSSL_PLAN, PRETRAINED_FROM, atomic_save, encoder_keys,
                                    load_checkpoint_file, pointed_checkpoint, transferable_weights)
-from nnunet_sar.files import atomic_write
+from nnunet_sar.files import atomic_write_json
 from nnunet_sar.network import build_network, build_target_network, dataset_name, load_plans, preprocessed_folder
 
 CITATION = ("Zhang X, Feng S, Zhou Y, Zhang Y, Wang Y. SAR: Scale-Aware Restoration Learning for 3D Tumor "
@@ -50,7 +50,7 @@ def use_pretraining(target: str, plans_identifier: str, source: str, source_plan
     plans = load_json(plans_file)
     plans[PRETRAINED_FROM] = pointer
     # the plans nnU-Net trains from: a failed write must leave them whole
-    atomic_write(plans_file, lambda f: f.write(json.dumps(plans, indent=4).encode()), what="the plans ")
+    atomic_write_json(plans_file, plans, what="the plans ")
     return fname, n
 
 

@@ -221,8 +221,8 @@ def check_encoder_transfer(ckpt: dict, checkpoint_file: str, objective, val_batc
 
 def _write(folder: str, r: dict, picture, stem: str = "transfer_check") -> None:
     """``stem``.json and ``stem``.png (``picture(file)``) into ``folder``, each written atomically."""
-    from nnunet_sar.files import atomic_write
-    atomic_write(join(folder, f"{stem}.json"), lambda f: f.write(json.dumps(r, indent=2).encode()))
+    from nnunet_sar.files import atomic_write, atomic_write_json
+    atomic_write_json(join(folder, f"{stem}.json"), r, indent=2)
     atomic_write(join(folder, f"{stem}.png"), picture)
 
 

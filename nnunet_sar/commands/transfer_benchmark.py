@@ -35,7 +35,7 @@ from os.path import isfile, join
 
 from nnunet_sar import SARError, console_main
 from nnunet_sar.commands.demo import PRETRAINING, SOURCES, _exe  # the demo's pre-training, sources, script lookup
-from nnunet_sar.files import atomic_write
+from nnunet_sar.files import atomic_write_json
 
 # arm: (fine-tuning trainer, pre-training run it starts from or None)
 ARMS = {
@@ -180,7 +180,7 @@ def _load_results(fname: str) -> dict:
 
 def _save_results(results: dict, fname: str) -> None:
     """Atomically, after every arm: a kill mid-write keeps the previous complete file, so a rerun continues."""
-    atomic_write(fname, lambda f: f.write(json.dumps(results, indent=1).encode()))
+    atomic_write_json(fname, results, indent=1)
 
 
 def _mean_sd(xs):
