@@ -45,7 +45,6 @@ class SARInitialisation:
         if report:
             self.print_to_log_file(report)
 
-
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnUNetv2_train --c and --val load the fold's checkpoint, which nnU-Net starts by calling initialize():
         the pre-training file is then neither loaded nor needed (it may have moved since the fold began)."""
@@ -149,20 +148,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _whole_number_from_env(name: str, minimum: int) -> int | None:
+    """Environment variable ``name`` as a whole number >= ``minimum``, or None when it is not set."""
+    value = os.environ.get(name, "")
+    if value and (not value.isdigit() or int(value) < minimum):
+        raise SARError(f"{name}={value!r}: expected a whole number >= {minimum}")
+    return int(value) if value else None
+
+
 def demo_epochs() -> int:
     """The demo schedule's number of epochs: 3, or ``nnUNet_SAR_demo_epochs``."""
-    value = os.environ.get("nnUNet_SAR_demo_epochs", "3")
-    if not value.isdigit() or int(value) < 1:
-        raise SARError(f"nnUNet_SAR_demo_epochs={value!r}: expected a whole number of epochs >= 1")
-    return int(value)
-
-
-def demo_seed() -> int | None:
-    """``nnUNet_SAR_seed``, or None when it is not set."""
-    value = os.environ.get("nnUNet_SAR_seed", "")
-    if value and not value.isdigit():
-        raise SARError(f"nnUNet_SAR_seed={value!r}: expected a whole number >= 0")
-    return int(value) if value else None
+    epochs = _whole_number_from_env("nnUNet_SAR_demo_epochs", 1)
+    return 3 if epochs is None else epochs
 
 
 class DemoSchedule:
@@ -180,7 +177,7 @@ class DemoSchedule:
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = demo_epochs()
-        self.sar_seed = demo_seed()
+        self.sar_seed = _whole_number_from_env("nnUNet_SAR_seed", 0)
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 3
 
