@@ -155,14 +155,25 @@ def test_warmup_schedules(planned_target, tiny_plans):
 
 @pytest.mark.slow  # three short nnU-Net trainings
 def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results, monkeypatch):
-    """nnUNet_SAR_seed (the transfer benchmark's pairing): two runs of a demo-schedule trainer with one seed
-    end with the same weights; another seed gives other weights."""
+    """nnUNet_SAR_seed (the transfer benchmark's pairing): nnU-Net's trainer and the SAR path without warm-up,
+    given scratch's own initial weights as the 'pre-trained' checkpoint, end with the same weights to the last
+    bit: the path (checkpoint lookup, loading, the warm-up mixin, the optimizer) changes nothing but the
+    weights it loads, so a paired difference between arms is the weights'. Another seed gives other weights."""
     from nnunetv2.run.run_training import get_trainer_from_args
-    finals = []
-    for seed in ("7", "7", "8"):
-        monkeypatch.setenv("nnUNet_SAR_seed", seed)
-        tr = get_trainer_from_args(TARGET, "3d_fullres", 0, "nnUNetTrainer_demo", tiny_plans, device=torch.device("cpu"))
+    from nnunet_sar.checkpoint import cpu_state_dict
+
+    def trainer(name):
+        tr = get_trainer_from_args(TARGET, "3d_fullres", 0, name, tiny_plans, device=torch.device("cpu"))
         tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 1, 2, 1
+        return tr
+    finals = []
+    for seed, name in (("7", "nnUNetTrainer_demo"), ("7", "nnUNetTrainerSAR_noWarmup_demo"), ("8", "nnUNetTrainer_demo")):
+        monkeypatch.setenv("nnUNet_SAR_seed", seed)
+        tr = trainer(name)
+        if not finals:  # scratch's initialisation, handed to the SAR path as its checkpoint
+            tr.initialize()
+            torch.save({"network_weights": cpu_state_dict(tr.network)}, results / "scratch_init.pth")
+            monkeypatch.setenv("nnUNet_SAR_checkpoint", str(results / "scratch_init.pth"))
         tr.run_training()
         finals.append({k: v.clone() for k, v in tr.network.state_dict().items()})
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
