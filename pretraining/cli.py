@@ -77,7 +77,7 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from nnunet_sar.pretraining.corruptions import GENESIS_PROBABILITIES
-    from nnunet_sar.pretraining.loop import ADAM_LRS, OPTIMIZERS, PretrainSettings
+    from nnunet_sar.pretraining.settings import ADAM_LRS, OPTIMIZERS, PretrainSettings
     from nnunet_sar.pretraining.objectives import available, objective_class
     from nnunet_sar.pretraining.objectives.sar import VARIANTS
     d = PretrainSettings(dataset="", sources=[])
@@ -213,7 +213,7 @@ def given_options(argv) -> set:
 
 def apply_preset(args: argparse.Namespace, given: set) -> dict:
     """Sets the preset's values on ``args``, but not over options given explicitly; returns those it set."""
-    from nnunet_sar.pretraining.loop import PAPER_PRESET
+    from nnunet_sar.pretraining.settings import PAPER_PRESET
     args.cubes_per_source = {}
     if args.preset != "paper":
         return {}
@@ -225,7 +225,7 @@ def apply_preset(args: argparse.Namespace, given: set) -> dict:
 
 def settings_from_args(argv=None):
     """(PretrainSettings, parsed arguments) of a command line, preset applied."""
-    from nnunet_sar.pretraining.loop import ADAM_LRS, PretrainSettings
+    from nnunet_sar.pretraining.settings import ADAM_LRS, PretrainSettings
     args = build_parser().parse_args(argv)
     given = given_options(argv)
     preset_values = apply_preset(args, given)

@@ -22,10 +22,10 @@ restoration: for them the check compares (a) and (b) where fine-tuning starts: t
 the pre-training network's encoder and of nnU-Net's (relative max difference) and the proxy-task accuracy
 through each encoder with the objective's head, against chance.
 """
-import warnings
 import argparse
-import json
+import dataclasses
 import os
+import warnings
 from os.path import dirname, join
 
 import numpy as np
@@ -35,6 +35,8 @@ from nnunet_sar import SARError, console_main, nnunet_folder
 from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_checkpoint_file
 from nnunet_sar.network import build_network, build_pretraining_network, dataset_name, load_plans
 from nnunet_sar.pretraining.intensity import SCHEMES, intensity_maps, normalise_as_nnunet
+from nnunet_sar.pretraining.objectives import objective_class
+from nnunet_sar.pretraining.settings import PretrainSettings
 
 TOLERANCE = 1.1  # (b) may be at most 10 % worse than (a)
 
@@ -69,9 +71,6 @@ def _restore(net: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, b
 
 def objective_of(settings: dict):
     """The objective of a run, rebuilt from its recorded settings (as the loop built it)."""
-    from nnunet_sar.pretraining.loop import PretrainSettings
-    from nnunet_sar.pretraining.objectives import objective_class
-    import dataclasses
     known = {f.name for f in dataclasses.fields(PretrainSettings)}
     ps = PretrainSettings(**{"restoration_target": "absolute",  # runs from before the option: a sigmoid output
                              **{k: v for k, v in settings.items() if k in known}})

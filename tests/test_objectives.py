@@ -99,7 +99,8 @@ def test_adam_takes_its_own_learning_rates_unless_given(tiny_plans, results):
     """--optimizer adam: Adam over the same groups at its own rates (U-Net 1e-3, S 1e-3, M 1e-4); a rate given
     on the command line wins, and SGD's rates, the paper preset's included, never reach Adam."""
     from nnunet_sar.pretraining.cli import settings_from_args
-    from nnunet_sar.pretraining.loop import ADAM_LRS, SARPretrainer
+    from nnunet_sar.pretraining.loop import SARPretrainer
+    from nnunet_sar.pretraining.settings import ADAM_LRS
     base = ["-d", TARGET, "-p", tiny_plans, "--sources", *map(str, SOURCE_IDS), "--batch-size", "8", "--patch-size",
             "16", "16", "16", "--val-cubes-per-volume", "1", "1", "1", "--val-fraction", "0.25", "-device", "cpu"]
     s, _ = settings_from_args(base + ["--optimizer", "adam", "--lr-disc", "3e-4"])

@@ -130,7 +130,7 @@ def _plans_copy(dataset: str, name: str, patch=None, batch_size=None) -> str:
 
 
 def _settings(device, plans, **kw):
-    from nnunet_sar.pretraining.loop import PretrainSettings
+    from nnunet_sar.pretraining.settings import PretrainSettings
     base = dict(dataset=str(DEMO_ID), sources=["902", "903"], plans_identifier=plans, epochs=1, iters_per_epoch=2,
                 batch_size=2, patch_size=[32, 32, 32], lr_unet=0.1, num_workers=0, device=device,
                 val_cubes_per_volume=[1, 1, 1], transform_on="device")  # the accelerator's path, on any device
