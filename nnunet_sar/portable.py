@@ -35,11 +35,12 @@ CITATION = ("Zhang X, Feng S, Zhou Y, Zhang Y, Wang Y. SAR: Scale-Aware Restorat
 
 # ------------------------------------------------------------------ one pre-training, many targets
 def use_pretraining(target: str, plans_identifier: str, source: str, source_plans: str = "nnUNetPlans",
-                    configuration: str = "3d_fullres", variant: str = "sar") -> tuple[str, int]:
+                    configuration: str = "3d_fullres", variant: str = "sar", overwrite: bool = False) -> tuple[str, int]:
     """Records in the target's (moved) plans which pre-training ``nnUNetTrainerSAR -p plans_identifier`` loads:
     a dataset's run ({'dataset_name', 'plans_identifier', 'configuration'}: each trainer then finds its own
     variant's run) or a checkpoint file. Checks first that the checkpoint (of `variant`) fits the network of
-    these plans; returns (checkpoint, number of encoder tensors it gives)."""
+    these plans; returns (checkpoint, number of encoder tensors it gives). Plans that already record another
+    pre-training keep it unless ``overwrite`` (the folds trained from them came from that one)."""
     name = dataset_name(target)
     pointer = {"checkpoint": abspath(source)} if isfile(source) else \
         {"dataset_name": dataset_name(source), "plans_identifier": source_plans, "configuration": configuration}
@@ -48,6 +49,10 @@ def use_pretraining(target: str, plans_identifier: str, source: str, source_plan
     network = build_target_network(*load_plans(name, plans_identifier, configuration))
     n = len(transferable_weights(network, fname, log=lambda *a: None, parts="encoder"))
     plans = load_json(plans_file)
+    recorded = plans.get(PRETRAINED_FROM)
+    if recorded and recorded != pointer and not overwrite:
+        raise SARError(f"{plans_file} already fine-tunes from {recorded}; give --overwrite to record {pointer} instead "
+                       f"(folds trained with these plans started from the recorded one)")
     plans[PRETRAINED_FROM] = pointer
     # the plans nnU-Net trains from: a failed write must leave them whole
     atomic_write_json(plans_file, plans, what="the plans ")
@@ -69,9 +74,11 @@ def main_use_pretraining(argv=None):
                    help="plans identifier of the pre-training run [%(default)s]")
     p.add_argument("-c", dest="configuration", default="3d_fullres", help="[%(default)s]")
     p.add_argument("--variant", default="sar", help="the run checked now; each trainer loads its own variant [sar]")
+    p.add_argument("--overwrite", action="store_true", help="replace another pre-training the plans already record")
     args = p.parse_args(argv)
     fname, n = console_main("nnunet_sar_use_pretraining")(use_pretraining)(
-        args.target, args.plans_identifier, args.source, args.source_plans, args.configuration, args.variant)
+        args.target, args.plans_identifier, args.source, args.source_plans, args.configuration, args.variant,
+        args.overwrite)
     print(f"{args.plans_identifier} of {dataset_name(args.target)} fine-tunes from {fname} ({n} encoder tensors fit); "
           f"train with: nnUNetv2_train {args.target} {args.configuration} FOLD -tr nnUNetTrainerSAR "
           f"-p {args.plans_identifier}")

@@ -235,6 +235,19 @@ def test_mismatches_fail_in_one_line_that_names_the_fix(moved_targets, exported,
     assert len(done.stderr.strip().splitlines()) == 1
     assert "does not fit" in done.stderr and "nnUNetv2_move_plans_between_datasets -s " + TARGET in done.stderr
     assert open(plans_file).read() == before
+    # plans that record a pre-training keep it: another needs --overwrite (the same one again is fine)
+    moved_file = join(os.environ["nnUNet_preprocessed"], TARGETS[811], moved_targets + ".json")
+    before = open(moved_file).read()
+    use = [exe("nnunet_sar_use_pretraining"), "-d", "811", "-p", moved_targets, "--from"]
+    done = run([*use, exported], check=False)
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1 and "--overwrite" in done.stderr
+    assert TARGET in done.stderr and open(moved_file).read() == before
+    run([*use, str(TARGET_ID), "-sp", PLANS_A])
+    assert open(moved_file).read() == before
+    run([*use, exported, "--overwrite"])
+    assert json.load(open(moved_file))["sar_pretrained_from"] == {"checkpoint": exported}
+    run([*use, str(TARGET_ID), "-sp", PLANS_A, "--overwrite"])  # as the other tests expect it
+    assert open(moved_file).read() == before
 
 
 def test_nnssl_encoder_under_another_key_is_renamed(tiny_plans, tmp_path):
