@@ -165,7 +165,8 @@ def collect(trainers, dataset=None, plans="nnUNetPlans", configuration="3d_fullr
 
 
 # ------------------------------------------------------------------------------------------ numbers
-def _mean_std(values):
+def mean_std(values):
+    """(mean, sample sd, n) of the values that are not NaN (a fold or an arm without a score)."""
     v = np.asarray([x for x in values if not np.isnan(x)], dtype=float)
     if len(v) == 0:
         return float("nan"), float("nan"), 0
@@ -244,12 +245,12 @@ def compute(found: dict, dataset_json=None, strata_thresholds=None, strata_unit=
             out.append(float(np.mean(d)) if d else float("nan"))
         return out
 
-    table = {t: {c[0]: _mean_std(values(t, c[1], c[2], "folds")) for c in columns} for t in trainers}
+    table = {t: {c[0]: mean_std(values(t, c[1], c[2], "folds")) for c in columns} for t in trainers}
     # foreground mean per fold: mean over classes of the fold's class means (nnU-Net's foreground_mean)
     fg = {}
     for t in trainers:
         per_class = np.array([values(t, k, None, "folds") for k in keys])
-        fg[t] = _mean_std(list(np.nanmean(per_class, axis=0))) if per_class.size else (float("nan"),) * 2 + (0,)
+        fg[t] = mean_std(list(np.nanmean(per_class, axis=0))) if per_class.size else (float("nan"),) * 2 + (0,)
     if sar is None:
         sar = next((t for t in trainers if t.startswith("nnUNetTrainerSAR") and not FRACTION.match(t)), trainers[0])
     elif sar not in found:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,7 @@ from os.path import isfile, join
 
 from nnunet_sar import SARError, console_main
 from nnunet_sar.commands.demo import PRETRAINING, SOURCES, _exe  # the demo's pre-training, sources, script lookup
+from nnunet_sar.commands.report import mean_std
 from nnunet_sar.files import atomic_write_json
 
 # arm: (fine-tuning trainer, pre-training run it starts from or None)
@@ -183,10 +183,6 @@ def _save_results(results: dict, fname: str) -> None:
     atomic_write_json(fname, results, indent=1)
 
 
-def _mean_sd(xs):
-    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def table(results: dict, arms: list, targets: list) -> str:
     lines = ["| arm | " + " | ".join(f"{t}: test Dice | {t}: pseudo Dice, epoch 1" for t in targets) + " |",
              "|---|" + "---|---|" * len(targets)]
@@ -197,7 +193,7 @@ def table(results: dict, arms: list, targets: list) -> str:
             if not runs:
                 cells += ["", ""]
                 continue
-            d, e1 = _mean_sd([r["test_dice"] for r in runs]), _mean_sd([r["pseudo_dice_per_epoch"][0] for r in runs])
+            d, e1 = mean_std([r["test_dice"] for r in runs]), mean_std([r["pseudo_dice_per_epoch"][0] for r in runs])
             cells += [f"{d[0]:.3f} +- {d[1]:.3f} (n={len(runs)})", f"{e1[0]:.2f} +- {e1[1]:.2f}"]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
