@@ -126,3 +126,18 @@ def test_transfer_benchmark_pairs_its_arms_continues_and_exits_zero(tmp_path, ca
     with pytest.raises(SystemExit):
         benchmark.main(argv[:-1] + ["6"])
     assert "holds runs of 5 fine-tuning epochs" in capsys.readouterr().err and calls == []
+
+
+def test_transfer_benchmark_fresh_draw_is_nnunets_initialisation_at_its_seed(planned_target, tmp_path):
+    """The scratch_otherDraw arm's checkpoint: nnU-Net's own initialisation of the target's network at the repeat's
+    seed, which the SAR path loads (encoder only); one seed repeats it, another draws other weights."""
+    import torch
+    from nnunet_sar.checkpoint import encoder_keys, transferable_weights
+    from nnunet_sar.commands import transfer_benchmark as tb
+    from nnunet_sar.network import build_target_network, load_plans
+    a, b, c = (tb.fresh_draw(planned_target, seed, str(tmp_path / name)) for seed, name in
+               ((3000, "a"), (3000, "b"), (3001, "c")))
+    network = build_target_network(*load_plans(planned_target, "nnUNetPlans", "3d_fullres"))
+    wa, wb, wc = (transferable_weights(network, f, log=lambda *x: None, parts="encoder") for f in (a, b, c))
+    assert set(wa) == encoder_keys(network)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and not all(torch.equal(wa[k], wc[k]) for k in wa)

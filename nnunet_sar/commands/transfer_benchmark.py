@@ -58,6 +58,8 @@ ARMS = {
     "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),  # control: warm-up and a fresh encoder, nothing pre-trained
     "sar_lr0_noWarmup": ("nnUNetTrainerSAR_noWarmup_demo", "sar_lr0"),  # the control less its warm-up: the encoder
     # draw alone against scratch
+    "scratch_otherDraw": ("nnUNetTrainerSAR_noWarmup_demo", "fresh_draw"),  # scratch with its encoder drawn by
+    # nnU-Net's own initialisation at another seed (3000 + repeat): what the lr-0 control is, without pre-training
     "sar_300steps": ("nnUNetTrainerSAR_demo", "sar_300steps"),  # ten times the demo's pre-training
     "sar_adam": ("nnUNetTrainerSAR_demo", "sar_adam"),  # pre-trained with Adam at its default rates
     "sar_noInvert": ("nnUNetTrainerSAR_demo", "sar_noInvert"),  # no cube turned upside down by the non-linear map
@@ -113,10 +115,12 @@ def prepare(root: str, targets: list[str], env: dict, log_file: str) -> dict:
 
 def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str, device: str = "cpu") -> str:
     """One pre-training run as the demo makes it; returns a copy of its checkpoint (with its transfer check)."""
-    variant, options = PRETRAININGS[key]
     keep = join(env["nnUNet_results"], "pretrained", f"{key}_r{repeat}")
     if isfile(join(keep, "checkpoint_final.pth")):  # a rerun in the same folder re-uses it
         return join(keep, "checkpoint_final.pth")
+    if key == "fresh_draw":
+        return fresh_draw(first_target, 3000 + repeat, keep)
+    variant, options = PRETRAININGS[key]
     tid = first_target.split("_")[0][len("Dataset"):]
     _run([_exe("nnunet_sar_pretrain"), "-d", tid, "--sources", *[str(s[0]) for s in SOURCES], "--variant", variant,
           "--epochs", "3", *PRETRAINING, *options, "--seed", str(1000 + repeat), "-device", device, "--overwrite"],
@@ -126,6 +130,20 @@ def pretrain(first_target: str, key: str, repeat: int, env: dict, log_file: str,
     os.makedirs(keep, exist_ok=True)
     for f in ("checkpoint_final.pth", "transfer_check.json"):
         os.replace(join(folder, f), join(keep, f))
+    return join(keep, "checkpoint_final.pth")
+
+
+def fresh_draw(target: str, seed: int, keep: str) -> str:
+    """A checkpoint of nnU-Net's own initialisation of `target`'s network, drawn after ``torch.manual_seed(seed)``:
+    nothing pre-trained and no pre-training code, so that scratch against this arm measures the encoder's draw
+    alone (the fine-tuning path is the same to the last bit: test_seeded_demo_trainer_repeats_exactly)."""
+    import torch
+    from nnunet_sar.checkpoint import atomic_save, cpu_state_dict
+    from nnunet_sar.network import build_target_network, load_plans
+    torch.manual_seed(seed)
+    network = build_target_network(*load_plans(target, "nnUNetPlans", "3d_fullres"))
+    os.makedirs(keep, exist_ok=True)
+    atomic_save({"network_weights": cpu_state_dict(network)}, join(keep, "checkpoint_final.pth"))
     return join(keep, "checkpoint_final.pth")
 
 
