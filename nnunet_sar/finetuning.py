@@ -181,9 +181,11 @@ class DemoSchedule:
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 3
 
-    def _seed(self):
+    data_seed_offset = 0  # the batches' and augmentations' seed is nnUNet_SAR_seed + this
+
+    def _seed(self, offset: int = 0):
         if self.sar_seed is not None:
-            seed_everything(self.sar_seed)
+            seed_everything(self.sar_seed + offset)
 
     def initialize(self):
         if not self.was_initialized:
@@ -192,7 +194,7 @@ class DemoSchedule:
 
     def on_train_start(self):
         super().on_train_start()
-        self._seed()  # the same batches and augmentations in every arm
+        self._seed(self.data_seed_offset)  # the same batches and augmentations in every arm
 
 
 class nnUNetTrainerSAR(SARInitialisation, LearningRateWarmup, nnUNetTrainer):

@@ -158,7 +158,8 @@ def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results
     """nnUNet_SAR_seed (the transfer benchmark's pairing): nnU-Net's trainer and the SAR path without warm-up,
     given scratch's own initial weights as the 'pre-trained' checkpoint, end with the same weights to the last
     bit: the path (checkpoint lookup, loading, the warm-up mixin, the optimizer) changes nothing but the
-    weights it loads, so a paired difference between arms is the weights'. Another seed gives other weights."""
+    weights it loads, so a paired difference between arms is the weights'. Another seed gives other weights; scratch
+    with its data seeded apart (``nnUNetTrainer_otherDataSeed_demo``) starts from the same weights, ends elsewhere."""
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunet_sar.checkpoint import cpu_state_dict
 
@@ -166,18 +167,23 @@ def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results
         tr = get_trainer_from_args(TARGET, "3d_fullres", 0, name, tiny_plans, device=torch.device("cpu"))
         tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 1, 2, 1
         return tr
-    finals = []
-    for seed, name in (("7", "nnUNetTrainer_demo"), ("7", "nnUNetTrainerSAR_noWarmup_demo"), ("8", "nnUNetTrainer_demo")):
+    finals, initial = [], []
+    for seed, name in (("7", "nnUNetTrainer_demo"), ("7", "nnUNetTrainerSAR_noWarmup_demo"), ("8", "nnUNetTrainer_demo"),
+                       ("7", "nnUNetTrainer_otherDataSeed_demo")):
         monkeypatch.setenv("nnUNet_SAR_seed", seed)
         tr = trainer(name)
-        if not finals:  # scratch's initialisation, handed to the SAR path as its checkpoint
+        if "SAR" not in name:
             tr.initialize()
-            torch.save({"network_weights": cpu_state_dict(tr.network)}, results / "scratch_init.pth")
+            initial.append(cpu_state_dict(tr.network))
+        if not finals:  # scratch's initialisation, handed to the SAR path as its checkpoint
+            torch.save({"network_weights": initial[0]}, results / "scratch_init.pth")
             monkeypatch.setenv("nnUNet_SAR_checkpoint", str(results / "scratch_init.pth"))
         tr.run_training()
         finals.append({k: v.clone() for k, v in tr.network.state_dict().items()})
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
     assert not all(torch.equal(finals[0][k], finals[2][k]) for k in finals[0])
+    assert all(torch.equal(initial[0][k], initial[2][k]) for k in initial[0])
+    assert not all(torch.equal(finals[0][k], finals[3][k]) for k in finals[0])
 
 
 def test_demo_schedule_length_from_the_environment(planned_target, tiny_plans, monkeypatch):
