@@ -47,12 +47,12 @@ def use_pretraining(target: str, plans_identifier: str, source: str, source_plan
     plans_file = join(preprocessed_folder(name), plans_identifier + ".json")
     fname = pointed_checkpoint(pointer, variant, plans_file)
     network = build_target_network(*load_plans(name, plans_identifier, configuration))
-    n = len(transferable_weights(network, fname, log=lambda *a: None, parts="encoder"))
     plans = load_json(plans_file)
     recorded = plans.get(PRETRAINED_FROM)
     if recorded and recorded != pointer and not overwrite:
         raise SARError(f"{plans_file} already fine-tunes from {recorded}; give --overwrite to record {pointer} instead "
                        f"(folds trained with these plans started from the recorded one)")
+    n = len(transferable_weights(network, fname, log=lambda *a: None, parts="encoder"))
     plans[PRETRAINED_FROM] = pointer
     # the plans nnU-Net trains from: a failed write must leave them whole
     atomic_write_json(plans_file, plans, what="the plans ")

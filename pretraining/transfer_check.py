@@ -33,6 +33,7 @@ import torch
 
 from nnunet_sar import SARError, console_main, nnunet_folder
 from nnunet_sar.checkpoint import find_pretrained_checkpoint, load_checkpoint_file
+from nnunet_sar.files import atomic_write, atomic_write_json
 from nnunet_sar.network import build_network, build_pretraining_network, dataset_name, load_plans
 from nnunet_sar.pretraining.intensity import SCHEMES, intensity_maps, normalise_as_nnunet
 from nnunet_sar.pretraining.objectives import objective_class
@@ -220,7 +221,6 @@ def check_encoder_transfer(ckpt: dict, checkpoint_file: str, objective, val_batc
 
 def _write(folder: str, r: dict, picture, stem: str = "transfer_check") -> None:
     """``stem``.json and ``stem``.png (``picture(file)``) into ``folder``, each written atomically."""
-    from nnunet_sar.files import atomic_write, atomic_write_json
     atomic_write_json(join(folder, f"{stem}.json"), r, indent=2)
     atomic_write(join(folder, f"{stem}.png"), picture)
 

@@ -153,7 +153,7 @@ def test_warmup_schedules(planned_target, tiny_plans):
     assert tr.warmup_iterations == 12500
 
 
-@pytest.mark.slow  # three short nnU-Net trainings
+@pytest.mark.slow  # four short nnU-Net trainings
 def test_seeded_demo_trainer_repeats_exactly(planned_target, tiny_plans, results, monkeypatch):
     """nnUNet_SAR_seed (the transfer benchmark's pairing): nnU-Net's trainer and the SAR path without warm-up,
     given scratch's own initial weights as the 'pre-trained' checkpoint, end with the same weights to the last
