@@ -35,13 +35,6 @@ class nnUNetTrainer_demo(DemoSchedule, nnUNetTrainer):
     pass
 
 
-class nnUNetTrainer_otherDataSeed_demo(DemoSchedule, nnUNetTrainer):
-    """Scratch whose batches and augmentations are seeded apart from its initialisation. With one seed for both,
-    torch's generator restarts at training on the stream that drew the network: the encoder's draw and the data
-    are coupled in scratch alone (an arm that loads another encoder breaks the coupling)."""
-    data_seed_offset = 500_000
-
-
 class nnUNetTrainerSAR_check(DemoSchedule, nnUNetTrainerSAR):
     """``nnunet_sar_demo --tiny`` (the CPU form of ``nnunet_sar_benchmark --gpu-check``): 1 epoch of 2 iterations."""
 

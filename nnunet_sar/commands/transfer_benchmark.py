@@ -58,7 +58,6 @@ ARMS = {
     "sar_lr0": ("nnUNetTrainerSAR_demo", "sar_lr0"),  # control: warm-up and a fresh encoder, nothing pre-trained
     "sar_lr0_noWarmup": ("nnUNetTrainerSAR_noWarmup_demo", "sar_lr0"),  # the control less its warm-up: the encoder
     # draw alone against scratch
-    "scratch_otherDataSeed": ("nnUNetTrainer_otherDataSeed_demo", None),  # scratch, data seeded apart from its draw
     "scratch_otherDraw": ("nnUNetTrainerSAR_noWarmup_demo", "fresh_draw"),  # scratch with its encoder drawn by
     # nnU-Net's own initialisation at another seed (3000 + repeat): what the lr-0 control is, without pre-training
     "sar_300steps": ("nnUNetTrainerSAR_demo", "sar_300steps"),  # ten times the demo's pre-training
