@@ -270,10 +270,10 @@ def main(argv=None):
 
 def _run(rank: int, world_size: int, settings, continue_training: bool, overwrite: bool):
     """One process of a (possibly distributed) pre-training run. The ranks tear the process group down together,
-    after a barrier: rank 0 still writes the checkpoint and runs the transfer check when the others are done, and
-    a rank that tore down and exited meanwhile once ended a two-process gloo run in "terminate called without an
-    active exception". A rank that fails just exits: mp.spawn or torchrun then ends the others (a teardown there
-    could wait forever on ranks blocked in a collective)."""
+    after a barrier, so that none exits while rank 0 still writes the checkpoint and runs the transfer check (a
+    two-process gloo run once ended there in "terminate called without an active exception"; the cause is not
+    proven). A rank that fails just exits: mp.spawn or torchrun then ends the others (a teardown there could wait
+    forever on ranks blocked in a collective)."""
     import torch.distributed as dist
     if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun --nproc_per_node 1 runs DDP too
         dist.init_process_group("nccl" if settings.device == "cuda" else "gloo", rank=rank, world_size=world_size)
