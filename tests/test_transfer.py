@@ -227,7 +227,7 @@ def test_pretrained_start_learns_a_faint_tumour(planned_target, nnunet_folders, 
     background as the path before the transfer issue did (batch norm, full transfer, no warm-up: Dice 0.000
     on this target in the transfer benchmark). Scored by nnU-Net's own final validation of one case.
     Scratch is not run here: it learns this target in these steps (0.852 when the test ran both, seeded
-    by ``torch.manual_seed(0)`` only), and one case makes a comparison noise; the paired comparison over seven pre-training
+    by ``torch.manual_seed(0)`` only), and one case makes a comparison noise; the paired comparison over seven to fourteen pre-training
     seeds is the transfer benchmark's (BENCHMARKS.md). Without it the test took 343 s instead of 587 s on a
     2-core AVX2-only CPU. Validation Dice 0.493 at this seed (pseudo Dice 0.06, 0.24, 0.49);
     0.731 before the data got a seed of its own (``DemoSchedule.data_seed_offset``)."""
